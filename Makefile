@@ -1,0 +1,59 @@
+# `make test` and `make lab` each install everything they need into .venv, from nothing.
+SHELL := /bin/bash
+VENV  := .venv
+BIN   := $(VENV)/bin
+PY    := $(BIN)/python
+STAMP := $(VENV)/.installed
+OUT   ?= lab_results
+# One torch thread per process: nbdev_test runs notebooks in parallel on these 2-core machines.
+export OMP_NUM_THREADS ?= 1
+export MPLBACKEND ?= Agg
+export PYTHONHASHSEED ?= 0
+
+.PHONY: test lab install sync-check nbtest pytest export clean docs readme
+
+install: $(STAMP)
+
+$(STAMP): requirements-dev.txt constraints.txt setup.py settings.ini
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+## The whole test suite: notebooks and package in sync, every notebook run as a test, then pytest.
+test: $(STAMP) sync-check nbtest pytest
+
+sync-check: $(STAMP)
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+	  if ! git diff --quiet -- . || [ -n "$$(git ls-files --others --exclude-standard -- optim_lab nbs index.ipynb)" ]; then \
+	    echo "nbdev_export/nbdev_clean changed tracked files: notebooks and package out of sync, or notebooks not cleaned:"; \
+	    git status --short; git diff --stat; exit 1; \
+	  fi; echo "sync-check: notebooks, package and cleaning agree"; \
+	else echo "sync-check: not a git checkout, skipped"; fi
+
+nbtest: $(STAMP)
+	$(BIN)/nbdev_test --n_workers 2 --timing $(NBFLAGS)
+
+pytest: $(STAMP)
+	$(BIN)/pytest tests -q $(PYTEST_ARGS)
+
+## The main job: benchmark every registered optimizer; tables (md, csv) and plots (png) go to $(OUT)/.
+lab: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m optim_lab.benchmark --out $(OUT) $(LAB_ARGS)
+
+export: $(STAMP)
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
+
+## README.md and the HTML book, rendered with nbconvert (Quarto is not installable here).
+readme: $(STAMP)
+	$(PY) -m optim_lab.docs readme
+
+docs: $(STAMP)
+	$(PY) -m optim_lab.docs book --out _docs
+
+clean:
+	rm -rf $(OUT) _docs .pytest_cache
