@@ -1,6 +1,6 @@
 "Shared fixtures for the optim_lab test suite: the registered optimizers and a small toy problem"
 from __future__ import annotations
-import copy, inspect, os
+import inspect, os
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')

@@ -4,7 +4,7 @@ Parametrized over `optim_lab.list_optimizers()`, so an optimizer added by a new 
 without touching this file. Per-optimizer knobs (toy learning rate, extra hyperparameters) are in conftest.py.
 """
 from __future__ import annotations
-import copy, difflib, io, math
+import copy, io, math
 from pathlib import Path
 
 import pytest
@@ -535,3 +535,45 @@ def test_compile_matches_eager():
         compiled.step(), eager.step()
     for p, q in zip(ps, qs):
         assert torch.allclose(p, q, rtol=0, atol=1e-6), (p - q).abs().max()
+
+
+# %% Non-finite gradients, create_optimizer, package attributes
+
+def test_skip_nonfinite(name):
+    "With skip_nonfinite=True a step with an inf/nan gradient changes nothing and is counted"
+    if opt_class(name).needs_closure: pytest.skip(f'{name} needs a closure')
+    x, y = toy_data()
+    model = ToyMLP()
+    opt = make_opt(name, model.parameters(), skip_nonfinite=True)
+    train(opt, model, x, y, 2)
+    before, state_before = params_of(model), [(i, k, v.clone()) for i, k, v in state_tensors(opt)]
+    steps_before = {k: v for k, v in opt.state[model.l1.weight].items() if not isinstance(v, torch.Tensor)}
+    for bad in (math.nan, math.inf):
+        opt.zero_grad()
+        toy_loss(model, x, y).backward()
+        model.l2.weight.grad[0, 0] = bad
+        opt.step()
+    assert_all_equal(before, params_of(model), f'{name} params after skipped steps')
+    assert_all_equal([v for *_, v in state_before], [v for *_, v in state_tensors(opt)], f'{name} state after skipped steps')
+    assert {k: v for k, v in opt.state[model.l1.weight].items() if not isinstance(v, torch.Tensor)} == steps_before
+    assert opt.skipped_steps == 2
+    fresh = make_opt(name, copy.deepcopy(model).parameters(), skip_nonfinite=True)
+    fresh.load_state_dict(_roundtrip_torch_save(opt.state_dict()))
+    assert fresh.skipped_steps == 2
+
+
+def test_create_optimizer(name):
+    from optim_lab import create_optimizer
+    x, y = toy_data()
+    model = ToyMLP()
+    opt = create_optimizer(model, name, lr=toy_lr(name), weight_decay=0.01)
+    assert isinstance(opt, opt_class(name))
+    wds = {id(p): g['weight_decay'] for g in opt.param_groups for p in g['params']}
+    assert wds[id(model.l1.weight)] == 0.01 and wds[id(model.l1.bias)] == 0.0
+    train(opt, model, x, y, 3)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_package_attribute(name):
+    import optim_lab
+    assert getattr(optim_lab, name) is opt_class(name)

@@ -1,16 +1,16 @@
-"Differential test: optim_lab's Lamb against pytorch_optimizer's Lamb, configured identically (see nbs/15_lamb.ipynb)"
+"Differential test: optim_lab's LAMB against pytorch_optimizer's LAMB, configured identically (see nbs/15_lamb.ipynb)"
 import pytest
 import torch
 
 pytorch_optimizer = pytest.importorskip('pytorch_optimizer')
 
 from optim_lab.checks import peer_check
-from optim_lab.optimizers.lamb import Lamb
+from optim_lab.optimizers.lamb import LAMB
 
 # pytorch_optimizer.Lamb never bias-corrects, and by default multiplies the trust-ratio-normalised step by
 # 1/(1 - beta1^t): `adam_debias=True` removes that factor, which makes it our `bias_correction=False`.
 # `weight_decouple=False` puts weight decay inside the trust ratio (the paper's form, and ours); it clamps
-# ||theta|| at 10 (`Lamb.clamp`), so we use `clamp_value=10`. It divides by ||u|| + eps, we by ||u||:
+# ||theta|| at 10 (`LAMB.clamp`), so we use `clamp_value=10`. It divides by ||u|| + eps, we by ||u||:
 # a relative difference of about eps / ||u||, far below float32 tolerance here.
 SETTINGS = [
     dict(lr=1e-2),
@@ -23,7 +23,7 @@ SETTINGS = [
 @pytest.mark.parametrize('hypers', SETTINGS, ids=str)
 @pytest.mark.parametrize('foreach', [False, True])
 def test_lamb_matches_pytorch_optimizer(hypers, foreach):
-    ours = lambda ps: Lamb(ps, bias_correction=False, clamp_value=pytorch_optimizer.Lamb.clamp, **hypers)
+    ours = lambda ps: LAMB(ps, bias_correction=False, clamp_value=pytorch_optimizer.Lamb.clamp, **hypers)
     peer = lambda ps: pytorch_optimizer.Lamb(ps, weight_decouple=False, adam_debias=True, foreach=foreach, **hypers)
     dev = peer_check(ours, peer, steps=100)
     assert dev < 1e-5, dev
@@ -31,7 +31,7 @@ def test_lamb_matches_pytorch_optimizer(hypers, foreach):
 
 def test_lamb_clamp_matters():
     "The comparison has teeth: with large weights, an unmatched clamp is caught"
-    ours = lambda ps: Lamb(ps, lr=1e-2, bias_correction=False)  # no clamp
+    ours = lambda ps: LAMB(ps, lr=1e-2, bias_correction=False)  # no clamp
     peer = lambda ps: pytorch_optimizer.Lamb(ps, lr=1e-2, weight_decouple=False, adam_debias=True)
     big = lambda ps: [p.data.mul_(10) for p in ps] and ours(ps)
     big_peer = lambda ps: [p.data.mul_(10) for p in ps] and peer(ps)
