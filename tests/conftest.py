@@ -3,7 +3,6 @@ from __future__ import annotations
 import inspect, os
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
-os.environ.setdefault('MPLBACKEND', 'Agg')
 
 import pytest
 import torch
