@@ -23,7 +23,7 @@ def default_lr(cls) -> float:
     "The `lr` default of an optimizer class's constructor"
     return inspect.signature(cls.__init__).parameters['lr'].default
 
-LR_FACTORS = (0.1, 1 / 3, 1.0, 3.0, 10.0)
+LR_FACTORS = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 ADAM_LR = 1e-3  # torch.optim.Adam's default: `problem.lr` is a good lr for Adam, scaled to each optimizer's default
 
 def convergence(names, problems, lr_factors=LR_FACTORS, steps: int | None = None, progress=None) -> list[dict]:
@@ -36,7 +36,7 @@ def convergence(names, problems, lr_factors=LR_FACTORS, steps: int | None = None
             best = dict(optimizer=name, problem=problem.name, final=math.inf, lr=None, losses=[], diverged_lrs=0)
             for factor in lr_factors:
                 lr = default_lr(cls) * getattr(problem, 'lr', ADAM_LR) / ADAM_LR * factor
-                run = run_problem(problem, lambda ps: cls(ps, lr=lr), steps or getattr(problem, 'steps', 300))
+                run = run_problem(problem, lambda ps: cls(ps, lr=lr, weight_decay=0.0), steps or getattr(problem, 'steps', 300))
                 if run['diverged'] or not math.isfinite(run['final']): best['diverged_lrs'] += 1
                 elif run['final'] < best['final']: best.update(final=run['final'], lr=lr, losses=run['losses'])
                 if progress is not None: progress.update(1)
@@ -204,7 +204,8 @@ def run_lab(out='lab_results', names=None, problems=None, lr_factors=LR_FACTORS,
         f'{len(problems)} problems, lr factors {", ".join(f"{f:.3g}" for f in lr_factors)} of each default lr.',
         '## Convergence: best final loss / AdamW\'s (geometric mean over problems in `score`; lower is better)',
         f'Losses below {SOLVED:g} count as solved (floored before dividing). Each optimizer runs with its own '
-        'defaults (AdamW: weight_decay=0.01); `diverged_lrs` in convergence.csv counts the sweep\'s failed runs.',
+        'defaults except weight_decay=0 (so AdamW runs Adam\'s update); `diverged_lrs` in convergence.csv '
+        'counts the sweep\'s failed runs.',
         markdown_table(board),
         f'## Step time on {workload / 1e6:.1f}M fp32 parameters (median of {rounds} rounds, round robin)',
         markdown_table(time_rows),
