@@ -4,6 +4,7 @@
 
 # %% ../nbs/04_checks.ipynb #7590c359
 from __future__ import annotations
+import math
 from typing import Callable
 import torch
 from torch import Tensor
@@ -35,9 +36,14 @@ def run_optimizer(opt_factory: Callable, theta0: Tensor, grad_fn: GradFn, steps:
     return iterates
 
 def max_deviation(a: list[Tensor], b: list[Tensor]) -> float:
-    "Largest absolute difference between two sequences of iterates"
-    assert len(a) == len(b), (len(a), len(b))
-    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b))
+    "Largest absolute difference between two sequences of iterates; `inf` if any iterate is inf or nan"
+    if len(a) != len(b): raise ValueError(f"the sequences have {len(a)} and {len(b)} iterates")
+    worst = 0.0
+    for t, (x, y) in enumerate(zip(a, b), 1):
+        if x.shape != y.shape: raise ValueError(f"iterate {t}: shapes {tuple(x.shape)} and {tuple(y.shape)} differ")
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()): return math.inf  # nan would compare as 0
+        worst = max(worst, (x.double() - y.double()).abs().max().item() if x.numel() else 0.0)
+    return worst
 
 # %% ../nbs/04_checks.ipynb #17da244c
 def reference_check(opt_cls, reference: Callable, steps: int = 50, shapes=((7,), (4, 5)), seed: int = 0,
@@ -48,6 +54,9 @@ def reference_check(opt_cls, reference: Callable, steps: int = 50, shapes=((7,),
         theta0, grad_fn = noisy_quadratic(shape, steps, seed + i, noise)
         ours = run_optimizer(lambda ps: opt_cls(ps, **hypers), theta0, grad_fn, steps)
         theirs = reference(theta0.clone(), grad_fn, steps, **hypers)
+        for side, its in (('the optimizer', ours), ('the reference', theirs)):
+            wrong = {str(x.dtype) for x in its if x.dtype != torch.float64}
+            if wrong: raise ValueError(f"{side} must run in float64, got {sorted(wrong)}")
         worst = max(worst, max_deviation(ours, theirs))
     return worst
 

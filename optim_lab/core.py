@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #2eeccb27
 from __future__ import annotations
-import math
+import math, numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,7 +26,7 @@ class Range:
     lo_open: bool = False  # exclude `lo` itself
     hi_open: bool = False  # exclude `hi` itself
     def allows(self, x) -> bool:
-        if isinstance(x, bool) or not isinstance(x, (int, float)): return False
+        if isinstance(x, bool) or not isinstance(x, numbers.Real): return False  # numpy scalars are Real
         above = x > self.lo if self.lo_open else x >= self.lo
         below = x < self.hi if self.hi_open else x <= self.hi
         return above and below  # NaN fails both comparisons
@@ -117,7 +117,7 @@ def _gradients(opt: LabOptimizer):
     pairs = [(p, g) for g in opt.param_groups for p in g['params'] if p.grad is not None]
     name = type(opt).__name__
     for p, _ in pairs:
-        if p.grad.is_sparse and not opt.supports_sparse:
+        if p.grad.layout != torch.strided and not opt.supports_sparse:  # COO, CSR, ...
             raise RuntimeError(f"{name} does not support sparse gradients (got one for a parameter of shape "
                                f"{tuple(p.shape)}); use torch.optim.SparseAdam or a dense embedding")
         if p.is_complex(): raise RuntimeError(f"{name} does not support complex parameters")
@@ -126,6 +126,8 @@ def _gradients(opt: LabOptimizer):
 @torch.no_grad()
 def _lab_step(self: LabOptimizer, closure: Callable | None = None):
     "Perform one optimization step; `closure` re-evaluates the model and returns the loss"
+    constraints = self.all_constraints()
+    for group in self.param_groups: check_hypers(type(self).__name__, group, constraints)
     if closure is None and self.needs_closure:
         raise ValueError(f"{type(self).__name__} needs a closure: opt.step(closure), where closure() "
                          "zeroes the gradients, computes the loss, calls backward() and returns the loss")

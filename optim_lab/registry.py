@@ -21,6 +21,10 @@ def normalize_name(name: str) -> str:
     "The lookup key of an optimizer name: lower case, without `_`, `-` or spaces"
     return name.lower().replace('_', '').replace('-', '').replace(' ', '')
 
+def _same_class(old: type, new: type) -> bool:
+    "Whether `new` is `old` defined again: same name and module, or a notebook's copy (`__main__`) of a chapter's class"
+    return old.__qualname__ == new.__qualname__ and (old.__module__ == new.__module__ or '__main__' in (old.__module__, new.__module__))
+
 def register(cls: type | None = None, *,
              paper: str = '',    # title of the paper (or the source) the algorithm comes from
              year: int | None = None,
@@ -30,11 +34,14 @@ def register(cls: type | None = None, *,
     "Class decorator: add a `LabOptimizer` subclass to the registry, with where it comes from"
     def deco(cls):
         if not issubclass(cls, LabOptimizer): raise TypeError(f"{cls.__name__} is not a LabOptimizer")
+        keys = {normalize_name(cls.__name__), *map(normalize_name, aliases)}
+        for key in keys:  # check every name before registering any
+            if key in _REGISTRY and not _same_class(_REGISTRY[key], cls):
+                old = _REGISTRY[key]
+                raise ValueError(f"{cls.__name__} ({cls.__module__}): the name {key!r} is already taken by "
+                                 f"{old.__name__} ({old.__module__})")
         cls.info = dict(name=cls.__name__, paper=paper, year=year, url=url, chapter=chapter)
-        for key in {normalize_name(cls.__name__), *map(normalize_name, aliases)}:
-            if key in _REGISTRY and _REGISTRY[key].__qualname__ != cls.__qualname__:
-                raise ValueError(f"{cls.__name__}: the name {key!r} is already taken by {_REGISTRY[key].__name__}")
-            _REGISTRY[key] = cls
+        for key in keys: _REGISTRY[key] = cls
         return cls
     return deco if cls is None else deco(cls)
 

@@ -270,6 +270,38 @@ def test_invalid_hyperparameters_rejected_by_add_param_group(name):
     assert_all_equal([v for *_, v in state_before], [v for *_, v in state_tensors(opt)], f'{name} state')
 
 
+def test_invalid_hyperparameters_set_later_rejected_at_step(name):
+    """A bad value written into a param group after construction (fastai's set_hyper, a scheduler) is refused by
+    the next step, before the closure runs or any parameter or state changes"""
+    cls = opt_class(name)
+    x, y = toy_data()
+    failures, tested = [], 0
+    for hp, value, shown in _cases(name):
+        model = ToyMLP()
+        opt = make_opt(name, model.parameters())
+        if hp not in opt.param_groups[0]: continue
+        tested += 1
+        train(opt, model, x, y, 2)
+        before, state_before = params_of(model), [(i, k, v.clone()) for i, k, v in state_tensors(opt)]
+        opt.param_groups[0][hp] = value
+        calls = []
+        closure = closure_for(opt, model, x, y, record=calls)
+        try:
+            if not cls.needs_closure: closure()
+            calls.clear()
+            opt.step(closure)
+        except ValueError as e:
+            if (problem := _check_message(str(e), name, hp, value, shown)): failures.append(problem)
+        except Exception as e: failures.append(f'{hp}={value!r}: {type(e).__name__} instead of ValueError: {e}')
+        else: failures.append(f'{hp}={value!r} set on a param group was accepted by step')
+        if calls: failures.append(f'{hp}={value!r}: the closure ran before the check')
+        if not all(torch.equal(a, b) for a, b in zip(before, params_of(model))): failures.append(f'{hp}={value!r}: params changed')
+        if not all(torch.equal(v, w) for (*_, v), (*_, w) in zip(state_before, state_tensors(opt), strict=True)):
+            failures.append(f'{hp}={value!r}: state changed')
+    assert tested, f'{name}: no hyperparameter in the param groups'
+    assert not failures, f'{name}:\n' + '\n'.join(failures)
+
+
 def test_add_param_group_after_steps(name):
     "A group added after some steps gets its own state and trains; the old params keep training"
     x, y = toy_data()
@@ -515,6 +547,23 @@ def _compile_available() -> str | None:
         assert torch.equal(f(torch.ones(3)), torch.full((3,), 3.0))
     except Exception as e: return f'{type(e).__name__}: {e}'
     return None
+
+
+def test_update_goes_through_update_fn(name):
+    "`compile=True` compiles `update_fn`, so the rule must be called as `self.update_fn`, or compiling does nothing"
+    cls = opt_class(name)
+    if cls.update_fn is None: pytest.skip(f'{name} has no update_fn (compile=True is refused)')
+    p = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    opt = make_opt(name, [p])
+    calls, rule = [], cls.update_fn
+    opt.update_fn = lambda *a, **k: (calls.append(1), rule(*a, **k))[1]
+    def closure():
+        p.grad = p.detach() + 1.0
+        return torch.tensor(0.0)
+    for _ in range(2):
+        closure()
+        opt.step(closure)
+    assert calls, f'{name}.update does not call self.update_fn'
 
 
 def test_compile_matches_eager():

@@ -134,7 +134,7 @@ class BAdam(LabOptimizer):
     update_fn = staticmethod(b_adam_update)
 
     def __init__(self, params,
-                 lr: float = 1e-3,              # η
+                 lr: float = 1e-3,              # η: the step is η·ε_t·m_hat / softplus(|v_hat|)
                  betas: tuple = (0.9, 0.99),    # (β1, β2): decay rates of m and of the gradient-change average v
                  smooth: float = 50.0,          # β of softplus_β; both divisors are at least log(2)/β
                  min_scale: float = 1e-2,       # ε_min: floor of the layer scale, so zero layers move

@@ -12,9 +12,15 @@ from ..core import LabOptimizer, Beta, NonNegative, Positive, Flag
 from ..registry import register
 
 # %% auto #0
-__all__ = ['safe_trust_ratio', 'lamb_update', 'LAMB', 'um_update', 'UM', 'prelamb_update', 'PreLAMB']
+__all__ = ['scaled_norm', 'safe_trust_ratio', 'lamb_update', 'LAMB', 'um_update', 'UM', 'prelamb_update', 'PreLAMB']
 
 # %% ../../nbs/15_lamb.ipynb #0165bbea
+def scaled_norm(x: Tensor) -> Tensor:
+    "Euclidean norm of x, computed as max|x| * ||x / max|x||| so that no square underflows; 0 for an empty x"
+    if x.numel() == 0: return x.new_zeros(())
+    big = x.abs().amax()
+    return big * torch.linalg.vector_norm(x / torch.where(big > 0, big, 1.0))
+
 def safe_trust_ratio(weight_norm: Tensor, update_norm: Tensor) -> Tensor:
     "weight_norm / update_norm, or 1 when either norm is zero (no 0/0, no frozen zero-initialised tensors)"
     ok = (weight_norm > 0) & (update_norm > 0)
@@ -32,7 +38,7 @@ def lamb_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     update = (exp_avg / bc1).div_(denom)                            # r_t
     if weight_decay != 0: update.add_(param, alpha=weight_decay)    # u_t = r_t + wd * theta
     weight_norm = torch.linalg.vector_norm(param).clamp(max=clamp_value)  # phi(||theta||)
-    ratio = safe_trust_ratio(weight_norm, torch.linalg.vector_norm(update))   # rho_t
+    ratio = safe_trust_ratio(weight_norm, scaled_norm(update))      # rho_t
     if trust_ratio is not None: trust_ratio.copy_(ratio)
     return update.mul_(ratio)
 
@@ -73,7 +79,8 @@ class LAMB(LabOptimizer):
 
 # %% ../../nbs/15_lamb.ipynb #f3986b51
 def _unit_rms(x: Tensor) -> Tensor:
-    "x / RMS(x), or zeros when x is all zeros; scaled by max|x| first so that no square under- or overflows"
+    "x / RMS(x), or zeros when x is all zeros (or empty); scaled by max|x| first so that no square under- or overflows"
+    if x.numel() == 0: return x.clone()
     big = x.abs().amax()
     y = x / torch.where(big > 0, big, 1.0)                          # max|y| = 1 (or y = 0)
     rms = torch.linalg.vector_norm(y) / math.sqrt(max(y.numel(), 1))  # in [1/sqrt(n), 1], or 0
