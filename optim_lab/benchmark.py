@@ -231,5 +231,4 @@ def main(argv=None):
     return out
 
 # %% ../nbs/90_benchmark.ipynb #58c79c3e
-#| eval: false
-if __name__ == '__main__': main()
+if __name__ == '__main__' and '__file__' in globals(): main()  # `python -m optim_lab.<module>`, not a notebook

@@ -110,5 +110,4 @@ def main(argv=None):
     else: print(f'book written to {render_book(".", args.out, run=args.run)}/toc.html')
 
 # %% ../nbs/91_docs.ipynb #9cc6f2a9
-#| eval: false
-if __name__ == '__main__': main()
+if __name__ == '__main__' and '__file__' in globals(): main()  # `python -m optim_lab.<module>`, not a notebook
