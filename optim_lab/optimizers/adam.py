@@ -25,8 +25,8 @@ def adam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int,
         exp_avg_sq = max_exp_avg_sq
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)  # sqrt(v_hat) + eps
-    return (exp_avg / bias_correction1).div_(denom)
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(eps)  # sqrt(v_hat) + eps
+    return torch.div(exp_avg, denom, out=denom).div_(bias_correction1)    # m_hat / denom, in denom's buffer
 
 # %% ../../nbs/11_adam.ipynb #fd5b20fb
 @register(paper='Adam: A Method for Stochastic Optimization', year=2015,
