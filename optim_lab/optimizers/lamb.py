@@ -18,7 +18,7 @@ __all__ = ['scaled_norm', 'safe_trust_ratio', 'lamb_update', 'LAMB', 'um_update'
 def scaled_norm(x: Tensor) -> Tensor:
     "Euclidean norm of x, computed as max|x| * ||x / max|x||| so that no square underflows; 0 for an empty x"
     if x.numel() == 0: return x.new_zeros(())
-    big = x.abs().amax()
+    big = x.abs().amax()  # (vector_norm with ord=inf is ~5x slower on CPU)
     return big * torch.linalg.vector_norm(x / torch.where(big > 0, big, 1.0))
 
 def safe_trust_ratio(weight_norm: Tensor, update_norm: Tensor) -> Tensor:
@@ -34,8 +34,8 @@ def lamb_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)    # v_t
     bc1 = 1 - beta1 ** step if bias_correction else 1.0
     bc2 = 1 - beta2 ** step if bias_correction else 1.0
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)          # sqrt(v_hat) + eps
-    update = (exp_avg / bc1).div_(denom)                            # r_t
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps)        # sqrt(v_hat) + eps
+    update = torch.div(exp_avg, denom, out=denom).div_(bc1)         # r_t, in denom's buffer
     if weight_decay != 0: update.add_(param, alpha=weight_decay)    # u_t = r_t + wd * theta
     weight_norm = torch.linalg.vector_norm(param).clamp(max=clamp_value)  # phi(||theta||)
     ratio = safe_trust_ratio(weight_norm, scaled_norm(update))      # rho_t
