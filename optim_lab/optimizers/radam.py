@@ -35,11 +35,12 @@ def radam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int
     "RAdam's direction; updates `exp_avg` (m) and `exp_avg_sq` (v) in place"
     exp_avg.lerp_(grad, 1 - beta1)                                  # m_t
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)    # v_t
-    m_hat = exp_avg / (1 - beta1 ** step)                           # m_hat_t
+    bias_correction1 = 1 - beta1 ** step                            # m_hat_t = m_t / (1 - β1^t)
     r = radam_rectifier(step, beta2, rho_threshold)                 # ρ_t, r_t
-    if r is None: return m_hat                                      # momentum SGD
+    if r is None: return exp_avg / bias_correction1                 # m_hat_t: momentum SGD
     denom = exp_avg_sq.sqrt().add_(eps)                             # sqrt(v_t) + ε
-    return m_hat.mul_(r * math.sqrt(1 - beta2 ** step)).div_(denom) # r_t m_hat_t l_t
+    scale = r * math.sqrt(1 - beta2 ** step) / bias_correction1     # r_t sqrt(1 - β2^t) / (1 - β1^t)
+    return torch.div(exp_avg, denom, out=denom).mul_(scale)         # r_t m_hat_t l_t, in denom's buffer
 
 # %% ../../nbs/12_radam.ipynb #3c9c7a0e
 @register(paper='On the Variance of the Adaptive Learning Rate and Beyond', year=2020,

@@ -20,9 +20,9 @@ __all__ = ['SOFTPLUS_THRESHOLD', 'FINITE_POSITIVE', 'softplus_denominator', 'sad
 SOFTPLUS_THRESHOLD = 40.0  # softplus(x) returns x beyond smooth*x > 40: exact to float64 precision, no overflow
 FINITE_POSITIVE = Range(0, math.inf, lo_open=True, hi_open=True)  # smooth = inf would give 0 * inf = NaN at x = 0
 
-def softplus_denominator(sqrt_v_hat: Tensor, smooth: float) -> Tensor:
-    "sp_smooth(x) = log(1 + exp(smooth * x)) / smooth, computed without overflow"
-    return F.softplus(sqrt_v_hat, beta=smooth, threshold=SOFTPLUS_THRESHOLD)
+def softplus_denominator(x: Tensor, smooth: float, scale: float = 1.0) -> Tensor:
+    "scale * sp_smooth(x / scale), sp_smooth(x) = log(1 + exp(smooth * x)) / smooth, without overflow or forming x / scale"
+    return F.softplus(x, beta=smooth / scale, threshold=SOFTPLUS_THRESHOLD)  # c sp_β(x/c) = sp_{β/c}(x)
 
 # %% ../../nbs/13_sadam.ipynb #d94923ec
 def sadam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, beta1: float, beta2: float,
@@ -33,10 +33,10 @@ def sadam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int
     if max_exp_avg_sq is not None:                                  # SAMSGrad: max_{s<=t} v_s
         torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         exp_avg_sq = max_exp_avg_sq
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
-    denom = softplus_denominator(exp_avg_sq.sqrt() / math.sqrt(bias_correction2), smooth)  # sp(sqrt(v_hat))
-    return (exp_avg / bias_correction1).div_(denom)
+    bias_correction1 = 1 - beta1 ** step                            # m_hat_t = m_t / (1 - β1^t)
+    c = math.sqrt(1 - beta2 ** step)                                # sqrt(v_hat_t) = sqrt(v_t) / c
+    denom = softplus_denominator(exp_avg_sq.sqrt(), smooth, scale=c)  # c sp(sqrt(v_hat_t))
+    return torch.div(exp_avg, denom, out=denom).mul_(c / bias_correction1)  # m_hat_t / sp(sqrt(v_hat_t)), in denom's buffer
 
 # %% ../../nbs/13_sadam.ipynb #e3353587
 @register(paper='Calibrating the Adaptive Learning Rate to Improve Convergence of ADAM', year=2019,
@@ -77,11 +77,12 @@ def sradam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: in
     "SRAdam's direction: m_hat / softplus(sqrt(v_hat) / r_t) once rectified, else m_hat; updates m and v in place"
     exp_avg.lerp_(grad, 1 - beta1)                                  # m_t
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)    # v_t
-    m_hat = exp_avg / (1 - beta1 ** step)
+    bias_correction1 = 1 - beta1 ** step                            # m_hat_t = m_t / (1 - β1^t)
     r = radam_rectifier(step, beta2, rho_threshold)                 # r_t, None while rho_t <= threshold
-    if r is None: return m_hat
-    denom = softplus_denominator(exp_avg_sq.sqrt() / (math.sqrt(1 - beta2 ** step) * r), smooth)
-    return m_hat.div_(denom)
+    if r is None: return exp_avg / bias_correction1                 # m_hat_t: momentum SGD
+    c = math.sqrt(1 - beta2 ** step) * r                            # sqrt(v_hat_t) / r_t = sqrt(v_t) / c
+    denom = softplus_denominator(exp_avg_sq.sqrt(), smooth, scale=c)  # c sp(sqrt(v_hat_t) / r_t)
+    return torch.div(exp_avg, denom, out=denom).mul_(c / bias_correction1)  # m_hat_t / sp(sqrt(v_hat_t) / r_t), in denom's buffer
 
 # %% ../../nbs/13_sadam.ipynb #0985eb6d
 @register(paper="Seed notebook: SRAdam, RAdam's rectifier with SAdam's softplus denominator (unpublished)",
