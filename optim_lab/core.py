@@ -80,6 +80,7 @@ class LabOptimizer(torch.optim.Optimizer):
     supports_sparse = False
     needs_closure = False              # line searches, SAM: `step` without a closure raises
     update_fn: Callable | None = None  # the pure math function; `compile=True` compiles it
+    state_buffers: tuple = ()          # names of the per-parameter state tensors that start at zero (m, v, ...)
 
     base_constraints = dict(lr=NonNegative, weight_decay=NonNegative, decoupled_wd=Flag, maximize=Flag)
 
@@ -105,7 +106,8 @@ class LabOptimizer(torch.optim.Optimizer):
 
     # What a subclass provides
     def init_state(self, p: Tensor, state: dict):
-        "Create the per-parameter state for fp32 weights `p` (called lazily, on the first step with a gradient)"
+        "Create the per-parameter state for fp32 weights `p` (lazily, on its first step with a gradient): a zero tensor for each of `state_buffers`; override and call `super()` to add more"
+        for name in self.state_buffers: state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def update(self, p: Tensor, grad: Tensor, state: dict, group: dict) -> Tensor | None:
         "Return the direction d, so that p <- p - lr * d; or update `p` in place and return None"

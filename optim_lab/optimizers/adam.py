@@ -36,6 +36,7 @@ class Adam(LabOptimizer):
     constraints = dict(betas=(Beta, Beta), eps=NonNegative, amsgrad=Flag)
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(adam_update)
+    state_buffers = ('exp_avg', 'exp_avg_sq')   # m, v
 
     def __init__(self, params,
                  lr: float = 1e-3,              # step size η
@@ -50,8 +51,7 @@ class Adam(LabOptimizer):
                                       decoupled_wd=decoupled_wd, amsgrad=amsgrad, maximize=maximize), **kwargs)
 
     def init_state(self, p, state):
-        state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        super().init_state(p, state)
         if self.defaults['amsgrad'] or any(g['amsgrad'] for g in self.param_groups):
             state['max_exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
 

@@ -41,6 +41,7 @@ class AdamGCC(LabOptimizer):
     constraints = dict(betas=(Beta, Beta), eps=NonNegative, gc_conv_only=Flag)
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(adam_gcc_update)
+    state_buffers = ('exp_avg', 'exp_avg_sq')   # m, v
 
     def __init__(self, params,
                  lr: float = 1e-3,              # step size η
@@ -54,10 +55,6 @@ class AdamGCC(LabOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       decoupled_wd=decoupled_wd, gc_conv_only=gc_conv_only,
                                       maximize=maximize), **kwargs)
-
-    def init_state(self, p, state):
-        state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def update(self, p, grad, state, group):
         beta1, beta2 = group['betas']

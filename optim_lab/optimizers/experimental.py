@@ -40,6 +40,7 @@ class DuvAdam(LabOptimizer):
     constraints = dict(betas=(Beta, Beta), eps=NonNegative)
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(duv_adam_update)
+    state_buffers = ('exp_avg', 'exp_avg_dev')  # m, v
 
     def __init__(self, params,
                  lr: float = 1e-3,              # step size η (SGD-like units: the step is η·m_hat·damping)
@@ -51,10 +52,6 @@ class DuvAdam(LabOptimizer):
                  **kwargs):                     # `LabOptimizer` options: `compile`, `skip_nonfinite`
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       decoupled_wd=decoupled_wd, maximize=maximize), **kwargs)
-
-    def init_state(self, p, state):
-        state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state['exp_avg_dev'] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def update(self, p, grad, state, group):
         beta1, beta2 = group['betas']
@@ -81,6 +78,7 @@ class SUAdam(LabOptimizer):
     constraints = dict(betas=(Beta, Beta), eps=NonNegative, min_scale=Positive)
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(su_adam_update)
+    state_buffers = ('exp_avg', 'exp_avg_dev')  # m, v
 
     def __init__(self, params,
                  lr: float = 1e-3,              # η: step as a fraction of the layer's mean |θ|
@@ -93,10 +91,6 @@ class SUAdam(LabOptimizer):
                  **kwargs):                     # `LabOptimizer` options: `compile`, `skip_nonfinite`
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, min_scale=min_scale, weight_decay=weight_decay,
                                       decoupled_wd=decoupled_wd, maximize=maximize), **kwargs)
-
-    def init_state(self, p, state):
-        state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state['exp_avg_dev'] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def update(self, p, grad, state, group):
         beta1, beta2 = group['betas']
@@ -135,6 +129,7 @@ class BAdam(LabOptimizer):
     constraints = dict(betas=(Beta, Beta), smooth=Positive, min_scale=Positive)
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(b_adam_update)
+    state_buffers = ('exp_avg', 'exp_avg_diff', 'prev_grad', 'prev_update')  # m, v, g_{t-1}, s_{t-1}
 
     def __init__(self, params,
                  lr: float = 1e-3,              # η: the step is η·ε_t·m_hat / softplus(|v_hat|)
@@ -148,10 +143,6 @@ class BAdam(LabOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, smooth=smooth, min_scale=min_scale,
                                       weight_decay=weight_decay, decoupled_wd=decoupled_wd, maximize=maximize),
                          **kwargs)
-
-    def init_state(self, p, state):
-        for name in ('exp_avg', 'exp_avg_diff', 'prev_grad', 'prev_update'):
-            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def update(self, p, grad, state, group):
         beta1, beta2 = group['betas']

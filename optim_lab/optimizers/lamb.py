@@ -60,6 +60,7 @@ class LAMB(LabOptimizer):
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     handles_weight_decay = True
     update_fn = staticmethod(lamb_update)
+    state_buffers = ('exp_avg', 'exp_avg_sq')   # m, v
 
     def __init__(self, params,
                  lr: float = 1e-3,              # step size η: each layer moves by η·φ(‖θ‖) per step
@@ -75,8 +76,7 @@ class LAMB(LabOptimizer):
                                       maximize=maximize), **kwargs)
 
     def init_state(self, p, state):
-        state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        super().init_state(p, state)
         state['trust_ratio'] = p.new_zeros(())  # rho_t of the last step
 
     def update(self, p, grad, state, group):
@@ -108,6 +108,7 @@ class UM(LabOptimizer):
     constraints = dict(beta=Beta)
     fastai_hypers = {'beta': 'mom'}
     update_fn = staticmethod(um_update)
+    state_buffers = ('exp_avg',)                # m
 
     def __init__(self, params,
                  lr: float = 1e-3,              # step size η: the RMS of every layer's step
@@ -118,9 +119,6 @@ class UM(LabOptimizer):
                  **kwargs):                     # `LabOptimizer` options: `compile`, `skip_nonfinite`
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
                                       maximize=maximize), **kwargs)
-
-    def init_state(self, p, state):
-        state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def update(self, p, grad, state, group):
         return self.update_fn(grad, state['exp_avg'], step=state['step'], beta=group['beta'])
@@ -141,6 +139,7 @@ class PreLAMB(LabOptimizer):
     constraints = dict(beta=Beta)
     fastai_hypers = {'beta': 'mom'}
     update_fn = staticmethod(prelamb_update)
+    state_buffers = ('exp_avg',)                # m
 
     def __init__(self, params,
                  lr: float = 1e-3,              # step size η, relative: a layer moves by at most η‖θ‖ per step
@@ -151,9 +150,6 @@ class PreLAMB(LabOptimizer):
                  **kwargs):                     # `LabOptimizer` options: `compile`, `skip_nonfinite`
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
                                       maximize=maximize), **kwargs)
-
-    def init_state(self, p, state):
-        state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def update(self, p, grad, state, group):
         return self.update_fn(p, grad, state['exp_avg'], step=state['step'], beta=group['beta'])

@@ -50,6 +50,7 @@ class RAdam(LabOptimizer):
     constraints = dict(betas=(Beta, Beta), eps=NonNegative, rho_threshold=Range(4))
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(radam_update)
+    state_buffers = ('exp_avg', 'exp_avg_sq')   # m, v
 
     def __init__(self, params,
                  lr: float = 1e-3,              # step size η
@@ -63,10 +64,6 @@ class RAdam(LabOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       decoupled_wd=decoupled_wd, rho_threshold=rho_threshold, maximize=maximize),
                          **kwargs)
-
-    def init_state(self, p, state):
-        state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def update(self, p, grad, state, group):
         beta1, beta2 = group['betas']

@@ -46,6 +46,7 @@ class SAdam(LabOptimizer):
     constraints = dict(betas=(Beta, Beta), smooth=FINITE_POSITIVE, amsgrad=Flag)
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(sadam_update)
+    state_buffers = ('exp_avg', 'exp_avg_sq')   # m, v
 
     def __init__(self, params,
                  lr: float = 1e-3,              # step size η
@@ -60,8 +61,7 @@ class SAdam(LabOptimizer):
                                       decoupled_wd=decoupled_wd, amsgrad=amsgrad, maximize=maximize), **kwargs)
 
     def init_state(self, p, state):
-        state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        super().init_state(p, state)
         if self.defaults['amsgrad'] or any(g['amsgrad'] for g in self.param_groups):
             state['max_exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -92,6 +92,7 @@ class SRAdam(LabOptimizer):
     constraints = dict(betas=(Beta, Beta), smooth=FINITE_POSITIVE, rho_threshold=Range(4))
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(sradam_update)
+    state_buffers = ('exp_avg', 'exp_avg_sq')   # m, v
 
     def __init__(self, params,
                  lr: float = 1e-3,              # step size η
@@ -105,10 +106,6 @@ class SRAdam(LabOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, smooth=smooth, weight_decay=weight_decay,
                                       decoupled_wd=decoupled_wd, rho_threshold=rho_threshold, maximize=maximize),
                          **kwargs)
-
-    def init_state(self, p, state):
-        state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def update(self, p, grad, state, group):
         beta1, beta2 = group['betas']

@@ -53,6 +53,7 @@ class _ChannelNormAdam(LabOptimizer):
     "Shared part of StableAdam and AdamAWD: Adam's hyperparameters and state, plus the per-group `scale` flag"
     constraints = dict(betas=(Beta, Beta), eps=NonNegative, scale=Flag)
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
+    state_buffers = ('exp_avg', 'exp_avg_sq')   # m, v
 
     def __init__(self, params,
                  lr: float = 1e-3,              # step size η
@@ -67,8 +68,7 @@ class _ChannelNormAdam(LabOptimizer):
                                       decoupled_wd=decoupled_wd, scale=scale, maximize=maximize), **kwargs)
 
     def init_state(self, p, state):
-        state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        super().init_state(p, state)
         if p.dim() >= 2: state['init_norm'] = channel_norms(p)  # ||θ_0^k||, shape (out_channels,)
 
     def _init_norm(self, state, group): return state.get('init_norm') if group['scale'] else None
