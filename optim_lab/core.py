@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['NonNegative', 'Positive', 'Beta', 'Flag', 'LOW_PRECISION', 'Range', 'OneOf', 'check_hypers', 'stochastic_round',
-           'LabOptimizer']
+__all__ = ['NonNegative', 'Positive', 'FinitePositive', 'Beta', 'Flag', 'LOW_PRECISION', 'Range', 'OneOf', 'check_hypers',
+           'stochastic_round', 'LabOptimizer']
 
 # %% ../nbs/00_core.ipynb #f6ef015c
 def _fmt(x): return '∞' if x == math.inf else '-∞' if x == -math.inf else f'{x:g}'
@@ -44,6 +44,7 @@ class OneOf:
 
 NonNegative = Range(0)                   # lr, eps, weight_decay, ...
 Positive = Range(0, lo_open=True)        # quantities we divide by
+FinitePositive = Range(0, math.inf, lo_open=True, hi_open=True)  # ... and that must not be inf either
 Beta = Range(0, 1, hi_open=True)         # decay rates of moving averages
 Flag = OneOf((False, True))
 

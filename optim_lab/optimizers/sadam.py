@@ -9,16 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import LabOptimizer, Beta, Flag, Range
+from ..core import LabOptimizer, Beta, Flag, Range, FinitePositive
 from ..registry import register
 from .radam import radam_rectifier, radam_rho
 
 # %% auto #0
-__all__ = ['SOFTPLUS_THRESHOLD', 'FINITE_POSITIVE', 'softplus_denominator', 'sadam_update', 'SAdam', 'sradam_update', 'SRAdam']
+__all__ = ['SOFTPLUS_THRESHOLD', 'softplus_denominator', 'sadam_update', 'SAdam', 'sradam_update', 'SRAdam']
 
 # %% ../../nbs/13_sadam.ipynb #f1d4735b
 SOFTPLUS_THRESHOLD = 40.0  # softplus(x) returns x beyond smooth*x > 40: exact to float64 precision, no overflow
-FINITE_POSITIVE = Range(0, math.inf, lo_open=True, hi_open=True)  # smooth = inf would give 0 * inf = NaN at x = 0
 
 def softplus_denominator(x: Tensor, smooth: float, scale: float = 1.0) -> Tensor:
     "scale * sp_smooth(x / scale), sp_smooth(x) = log(1 + exp(smooth * x)) / smooth, without overflow or forming x / scale"
@@ -43,7 +42,7 @@ def sadam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int
           url='https://arxiv.org/abs/1908.00700', chapter='13_sadam')
 class SAdam(LabOptimizer):
     "Adam with the denominator sqrt(v_hat) + eps replaced by softplus_smooth(sqrt(v_hat)); optional SAMSGrad"
-    constraints = dict(betas=(Beta, Beta), smooth=FINITE_POSITIVE, amsgrad=Flag)
+    constraints = dict(betas=(Beta, Beta), smooth=FinitePositive, amsgrad=Flag)
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(sadam_update)
     state_buffers = ('exp_avg', 'exp_avg_sq')   # m, v
@@ -89,7 +88,7 @@ def sradam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: in
           year=2020, url='', chapter='13_sadam')  # year: the seed cites 2020 papers, so 2020 at the earliest
 class SRAdam(LabOptimizer):
     "RAdam's rectifier with SAdam's softplus denominator: momentum SGD until rho_t > 5, then m_hat/sp(sqrt(v_hat)/r_t)"
-    constraints = dict(betas=(Beta, Beta), smooth=FINITE_POSITIVE, rho_threshold=Range(4))
+    constraints = dict(betas=(Beta, Beta), smooth=FinitePositive, rho_threshold=Range(4))
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(sradam_update)
     state_buffers = ('exp_avg', 'exp_avg_sq')   # m, v
