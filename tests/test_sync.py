@@ -81,3 +81,31 @@ def test_readme_matches_index():
         if '](README_files/' in line:
             target = line.split('](', 1)[1].split(')', 1)[0]
             assert (REPO / target).exists(), f'README.md shows {target}, which is missing'
+
+
+DEBUGGER_MODULES = {'pdb', 'ipdb', 'pudb', 'idb'}
+
+
+def _debugger_calls(source: str) -> list[str]:
+    "Calls of breakpoint()/set_trace() and imports of debugger modules in `source` (the seed's B_Adam had one)"
+    import ast
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, 'id', None) or getattr(node.func, 'attr', None)
+            if name in ('breakpoint', 'set_trace', 'post_mortem'): found.append(f'line {node.lineno}: {name}()')
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            if any(n.split('.')[0] in DEBUGGER_MODULES for n in names): found.append(f'line {node.lineno}: import')
+    return found
+
+
+def test_debugger_detector_catches_the_seeds_breakpoint():
+    assert _debugger_calls('import idb\ndef f():\n    idb.set_trace()\n') == ['line 1: import', 'line 3: set_trace()']
+    assert _debugger_calls('def f():\n    breakpoint()\n') == ['line 2: breakpoint()']
+    assert _debugger_calls('x = "set_trace"  # a string, not a call\n') == []
+
+
+def test_no_debugger_calls_in_library_code():
+    found = {name: calls for name, src in _py_files(PKG).items() if (calls := _debugger_calls(src))}
+    assert not found, f'debugger calls in library code: {found}'
