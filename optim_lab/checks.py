@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['GradFn', 'noisy_quadratic', 'run_optimizer', 'max_deviation', 'reference_check', 'peer_check']
+__all__ = ['GradFn', 'noisy_quadratic', 'run_optimizer', 'max_deviation', 'reference_check', 'assert_reference', 'peer_check']
 
 # %% ../nbs/04_checks.ipynb #17c1a8e4
 GradFn = Callable[[Tensor, int], Tensor]  # (theta_{t-1}, t) -> g_t
@@ -59,6 +59,14 @@ def reference_check(opt_cls, reference: Callable, steps: int = 50, shapes=((7,),
             if wrong: raise ValueError(f"{side} must run in float64, got {sorted(wrong)}")
         worst = max(worst, max_deviation(ours, theirs))
     return worst
+
+# %% ../nbs/04_checks.ipynb #a8f7fcd2
+def assert_reference(opt_cls, reference: Callable, tol: float = 1e-12, **kwargs) -> float:
+    "`reference_check(opt_cls, reference, **kwargs)`, raising `AssertionError` unless the deviation is at most `tol`"
+    dev = reference_check(opt_cls, reference, **kwargs)
+    name = getattr(opt_cls, '__name__', repr(opt_cls))
+    if not dev <= tol: raise AssertionError(f"{name} deviates from its reference by {dev:.3g} (tolerance {tol:g})")
+    return dev
 
 # %% ../nbs/04_checks.ipynb #e5ec23bf
 def peer_check(opt_factory: Callable, peer_factory: Callable, steps: int = 100, shapes=((7,), (4, 5), (3, 2, 2)),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #2eeccb27
 from __future__ import annotations
-import math, numbers
+import math, numbers, types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['NonNegative', 'Positive', 'FinitePositive', 'Beta', 'Flag', 'LOW_PRECISION', 'Range', 'OneOf', 'check_hypers',
-           'stochastic_round', 'LabOptimizer']
+__all__ = ['NonNegative', 'Positive', 'FinitePositive', 'Beta', 'Flag', 'TORCH_ONLY_KWARGS', 'LOW_PRECISION', 'Range', 'OneOf',
+           'check_hypers', 'stochastic_round', 'sqrt', 'exp', 'log', 'where', 'minimum', 'maximum', 'add_', 'addcmul_',
+           'add', 'LabOptimizer']
 
 # %% ../nbs/00_core.ipynb #f6ef015c
 def _fmt(x): return '∞' if x == math.inf else '-∞' if x == -math.inf else f'{x:g}'
@@ -72,7 +73,63 @@ def stochastic_round(x: Tensor, dtype: torch.dtype) -> Tensor:
     p_neighbour = ((x - nearest.float()) / gap).nan_to_num_(0.0)  # 0 when exact, inf or nan
     return torch.where(torch.rand_like(x) < p_neighbour, neighbour, nearest)
 
+# %% ../nbs/00_core.ipynb #c0a1e002
+def sqrt(x):
+    "√x of a number (eager) or a 0-d tensor (compiled)"
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+
+def exp(x):
+    "eˣ of a number or a 0-d tensor"
+    return x.exp() if isinstance(x, Tensor) else math.exp(x)
+
+def log(x):
+    "ln x of a number or a 0-d tensor"
+    return x.log() if isinstance(x, Tensor) else math.log(x)
+
+def where(cond, a, b):
+    "`a` where `cond` holds, else `b`: a Python choice for a bool, `torch.where` for a tensor condition"
+    return torch.where(cond, a, b) if isinstance(cond, Tensor) else (a if cond else b)
+
+def minimum(a, b):
+    "min(a, b) of numbers or tensors (element-wise)"
+    return torch.minimum(torch.as_tensor(a), torch.as_tensor(b)) if isinstance(a, Tensor) or isinstance(b, Tensor) else min(a, b)
+
+def maximum(a, b):
+    "max(a, b) of numbers or tensors (element-wise)"
+    return torch.maximum(torch.as_tensor(a), torch.as_tensor(b)) if isinstance(a, Tensor) or isinstance(b, Tensor) else max(a, b)
+
+def add_(x: Tensor, y: Tensor, *, alpha) -> Tensor:
+    "x ← x + αy in place, for α a number or a 0-d tensor (`Tensor.add_`'s `alpha=` takes only numbers)"
+    return x.add_(y * alpha) if isinstance(alpha, Tensor) else x.add_(y, alpha=alpha)
+
+def addcmul_(x: Tensor, y: Tensor, z: Tensor, *, value) -> Tensor:
+    "x ← x + value·y·z in place, for `value` a number or a 0-d tensor"
+    return x.addcmul_(y, z * value) if isinstance(value, Tensor) else x.addcmul_(y, z, value=value)
+
+def add(x: Tensor, y: Tensor, *, alpha) -> Tensor:
+    "x + αy as a new tensor, for α a number or a 0-d tensor"
+    return x + y * alpha if isinstance(alpha, Tensor) else x.add(y, alpha=alpha)
+
 # %% ../nbs/00_core.ipynb #3a94f14c
+TORCH_ONLY_KWARGS = dict(  # torch.optim keywords a user's existing call may pass, and what optim_lab does instead
+    foreach='every step already runs all of a group at once with compile=True; eager steps loop in Python',
+    fused='use compile=True, which fuses each group\'s whole step into one compiled graph',
+    capturable='CUDA graph capture is not supported; use compile=True',
+    differentiable='optim_lab steps run under torch.no_grad(); differentiating through a step is not supported')
+
+class _Group(dict):
+    "A param group that validates a hyperparameter when it is written (`group['lr'] = ...`, fastai's `set_hyper`)"
+    owner, constraints = 'optimizer', {}
+    def __setitem__(self, k, v):
+        if k in self.constraints: check_hypers(self.owner, {k: v}, {k: self.constraints[k]})
+        super().__setitem__(k, v)
+    def update(self, *args, **kw):
+        for k, v in dict(*args, **kw).items(): self[k] = v
+    def setdefault(self, k, v=None):
+        if k not in self: self[k] = v
+        return self[k]
+    def __reduce__(self): return (dict, (dict(self),))  # pickles, deep-copies and saves as a plain dict
+
 class LabOptimizer(torch.optim.Optimizer):
     "A `torch.optim.Optimizer` whose subclasses only declare hyperparameters and an update rule"
     constraints: dict = {}             # hyperparameter -> `Range`/`OneOf` (a tuple of them for tuples)
@@ -80,21 +137,30 @@ class LabOptimizer(torch.optim.Optimizer):
     handles_weight_decay = False       # True when `update` applies `weight_decay` itself (LAMB, ...)
     supports_sparse = False
     needs_closure = False              # line searches, SAM: `step` without a closure raises
-    update_fn: Callable | None = None  # the pure math function; `compile=True` compiles it
+    update_fn: Callable | None = None  # the pure math function, for readers and the reference checks
     state_buffers: tuple = ()          # names of the per-parameter state tensors that start at zero (m, v, ...)
+    static_hypers: tuple = ()          # numeric hyperparameters that stay Python numbers under compile=True
+    compile_refusal: str | None = None # why this optimizer cannot compile its step (None: it can)
 
     base_constraints = dict(lr=NonNegative, weight_decay=NonNegative, decoupled_wd=Flag, maximize=Flag)
 
     def __init__(self, params, defaults: dict,
-                 compile: bool = False,         # `torch.compile` the update function
-                 skip_nonfinite: bool = False): # skip the whole step when any gradient has inf/nan
+                 compile: bool | str = False,   # compile each group's whole step (a str: the torch.compile backend)
+                 skip_nonfinite: bool = False,  # skip the whole step when any gradient has inf/nan
+                 **torch_kwargs):               # torch.optim's `decoupled_weight_decay`, `foreach`, `fused`, ...
+        name = type(self).__name__
         defaults = dict(dict(weight_decay=0.0, decoupled_wd=False, maximize=False), **defaults)
-        check_hypers(type(self).__name__, defaults, self.all_constraints())
+        for k, v in torch_kwargs.items():
+            if k == 'decoupled_weight_decay': defaults['decoupled_wd'] = v
+            elif k in TORCH_ONLY_KWARGS:
+                if v: raise ValueError(f"{name}: {k}={v!r} is not supported: {TORCH_ONLY_KWARGS[k]}")
+            else: raise TypeError(f"{name}() got an unexpected keyword argument {k!r}")
+        check_hypers(name, defaults, self.all_constraints())
+        if compile and self.compile_refusal: raise ValueError(f"{name} cannot use compile=True: {self.compile_refusal}")
         self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
+        self.compile = compile
         super().__init__(params, defaults)
-        if compile:
-            if self.update_fn is None: raise ValueError(f"{type(self).__name__}: compile=True needs an `update_fn`")
-            self.update_fn = torch.compile(type(self).update_fn, dynamic=True)
+        self._compiled = _compile_group_step(self) if compile else None
 
     @classmethod
     def all_constraints(cls) -> dict: return {**cls.base_constraints, **cls.constraints}
@@ -104,11 +170,21 @@ class LabOptimizer(torch.optim.Optimizer):
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != 'params'}}
         check_hypers(type(self).__name__, merged, self.all_constraints())
         super().add_param_group(param_group)
+        self.param_groups[-1] = self._checked(self.param_groups[-1])
+
+    def _checked(self, group: dict) -> _Group:
+        g = _Group()
+        g.owner, g.constraints = type(self).__name__, self.all_constraints()
+        dict.update(g, group)
+        return g
 
     # What a subclass provides
     def init_state(self, p: Tensor, state: dict):
         "Create the per-parameter state for fp32 weights `p` (lazily, on its first step with a gradient): a zero tensor for each of `state_buffers`; override and call `super()` to add more"
         for name in self.state_buffers: state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def prepare_state(self, p: Tensor, state: dict, group: dict):
+        "Before every step, outside any compiled graph: create state that a hyperparameter switched on (amsgrad, ...)"
 
     def update(self, p: Tensor, grad: Tensor, state: dict, group: dict) -> Tensor | None:
         "Return the direction d, so that p <- p - lr * d; or update `p` in place and return None"
@@ -126,11 +202,17 @@ def _gradients(opt: LabOptimizer):
         if p.is_complex(): raise RuntimeError(f"{name} does not support complex parameters")
     return pairs
 
+def _check_groups(opt: LabOptimizer):
+    "Groups written to directly are validated on write; a group replaced by a plain dict is validated here, once"
+    for i, group in enumerate(opt.param_groups):
+        if type(group) is not _Group:
+            check_hypers(type(opt).__name__, group, opt.all_constraints())
+            opt.param_groups[i] = opt._checked(group)
+
 @torch.no_grad()
 def _lab_step(self: LabOptimizer, closure: Callable | None = None):
     "Perform one optimization step; `closure` re-evaluates the model and returns the loss"
-    constraints = self.all_constraints()
-    for group in self.param_groups: check_hypers(type(self).__name__, group, constraints)
+    _check_groups(self)
     if closure is None and self.needs_closure:
         raise ValueError(f"{type(self).__name__} needs a closure: opt.step(closure), where closure() "
                          "zeroes the gradients, computes the loss, calls backward() and returns the loss")
@@ -141,7 +223,13 @@ def _lab_step(self: LabOptimizer, closure: Callable | None = None):
     if self.skip_nonfinite and not all(torch.isfinite(p.grad).all() for p, _ in pairs):
         self.skipped_steps += 1
         return loss
-    for p, group in pairs: self._step_param(p, group)
+    for p, group in pairs: self._begin_step(p, group)
+    if self._compiled is None:
+        for p, group in pairs: self._step_param(p, group, self.state[p], group)
+    else:
+        for group in self.param_groups:
+            params = [p for p in group['params'] if p.grad is not None]
+            if params: self._compiled(self, params, [self.state[p] for p in params], *_traced_hypers(self, group, params))
     return loss
 
 LabOptimizer.step = _lab_step
@@ -149,25 +237,60 @@ LabOptimizer.step = _lab_step
 # %% ../nbs/00_core.ipynb #593e5235
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-def _step_param(self: LabOptimizer, p: Tensor, group: dict):
+def _begin_step(self: LabOptimizer, p: Tensor, group: dict):
+    "Create the state on a parameter's first step, let the subclass prepare it, count the step"
+    state = self.state[p]
+    if not state:
+        state['step'] = 0
+        self.init_state(p.float() if p.dtype in LOW_PRECISION else p, state)
+    self.prepare_state(p, state, group)
+    state['step'] += 1
+
+def _decay(self: LabOptimizer, group: dict) -> str | None:
+    "How the base applies weight decay to this group: None, 'l2' or 'decoupled'"
+    if self.handles_weight_decay or group['weight_decay'] == 0: return None
+    return 'decoupled' if group['decoupled_wd'] else 'l2'
+
+def _step_param(self: LabOptimizer, p: Tensor, group: dict, state: dict, hypers: dict, decay: str | None = '?'):
+    "One parameter's step. Eager: `hypers` is the group itself; compiled: numbers in it, and the step, are 0-d tensors"
     low = p.dtype in LOW_PRECISION
     w = p.float() if low else p  # the weights the update rule sees: fp32 or fp64
     grad = p.grad.float() if low else p.grad
     if group['maximize']: grad = -grad
-    state = self.state[p]
-    if not state:
-        state['step'] = 0
-        self.init_state(w, state)
-    state['step'] += 1
-    lr, wd = group['lr'], group['weight_decay']
-    if wd != 0 and not self.handles_weight_decay:
-        if group['decoupled_wd']: w.mul_(1 - lr * wd)
-        else: grad = grad.add(w, alpha=wd)
-    direction = self.update(w, grad, state, group)
-    if direction is not None: w.add_(direction, alpha=-lr)
+    if decay == '?': decay = self._decay(group)
+    lr, wd = hypers['lr'], hypers['weight_decay']
+    if decay == 'decoupled': w.mul_(1 - lr * wd)
+    elif decay == "l2": grad = add(grad, w, alpha=wd)
+    direction = self.update(w, grad, state, hypers)
+    if direction is not None: add_(w, direction, alpha=-lr)
     if low: p.copy_(stochastic_round(w, p.dtype))
 
-LabOptimizer._step_param = _step_param
+LabOptimizer._begin_step, LabOptimizer._decay, LabOptimizer._step_param = _begin_step, _decay, _step_param
+
+# %% ../nbs/00_core.ipynb #c0a1e005
+def _traced_hypers(opt: LabOptimizer, group: dict, params: list):
+    "The compiled step's inputs: the group's numbers as 0-d tensors of the parameters' dtype, and the step counts"
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    device = params[0].device
+    def traced(k, v):
+        if k in opt.static_hypers or isinstance(v, bool) or not isinstance(v, numbers.Real): return v
+        return torch.tensor(v, dtype=dtype, device=device)
+    hypers = {k: tuple(traced(k, x) for x in v) if isinstance(v, (tuple, list)) else traced(k, v)
+              for k, v in group.items() if k != 'params'}
+    steps = torch.tensor([opt.state[p]['step'] for p in params], dtype=dtype, device=device)
+    return group, hypers, steps, opt._decay(group)
+
+def _group_step(opt, params, states, group, hypers, steps, decay):
+    "Every parameter of one group, each seeing its own step count as a 0-d tensor"
+    for i, (p, state) in enumerate(zip(params, states)):
+        opt._step_param(p, group, {**state, 'step': steps[i]}, hypers, decay)
+
+def _compile_group_step(opt: LabOptimizer):
+    "This optimizer's own copy of `_group_step` (dynamo caches per code object), compiled as one graph per group"
+    code = _group_step.__code__.replace(co_name=f'{type(opt).__name__}_step')
+    fn = types.FunctionType(code, _group_step.__globals__, code.co_name)
+    backend = opt.compile if isinstance(opt.compile, str) else 'inductor'
+    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
 
 # %% ../nbs/00_core.ipynb #3bd27387
 def _state_dict(self: LabOptimizer) -> dict:
@@ -175,6 +298,7 @@ def _state_dict(self: LabOptimizer) -> dict:
 
 def _load_state_dict(self: LabOptimizer, state_dict: dict):
     torch.optim.Optimizer.load_state_dict(self, state_dict)
+    self.param_groups = [self._checked(g) for g in self.param_groups]  # torch rebuilt them as plain dicts
     params = [p for g in self.param_groups for p in g['params']]
     saved_ids = [i for g in state_dict['param_groups'] for i in g['params']]
     by_id = dict(zip(saved_ids, params))

@@ -9,7 +9,7 @@ from functools import partial
 
 import torch
 from torch import nn
-from fastai.optimizer import OptimWrapper
+from fastai.optimizer import OptimWrapper, detuplify_pg
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.callback.core import Callback
@@ -17,7 +17,7 @@ from fastai.callback.core import Callback
 from .registry import load_optimizer, no_decay_names
 
 # %% auto #0
-__all__ = ['fastai_hp_map', 'opt_func', 'digits_dls', 'digits_learner', 'no_decay_splitter', 'Diagnostics']
+__all__ = ['fastai_hp_map', 'opt_func', 'digits_dls', 'digits_learner', 'HyperRecorder', 'no_decay_splitter', 'Diagnostics']
 
 # %% ../nbs/02_fastai.ipynb #e303509a
 def fastai_hp_map(cls: type) -> dict:
@@ -53,6 +53,31 @@ def digits_learner(opt, lr: float = 3e-3, seed: int = 0, cbs=None, **hypers):
     torch.manual_seed(seed)
     return Learner(digits_dls(seed=seed), digits_cnn(seed=seed), loss_func=nn.CrossEntropyLoss(),
                    opt_func=opt_func(opt, **hypers), lr=lr, metrics=accuracy, cbs=cbs)
+
+# %% ../nbs/02_fastai.ipynb #f35cea57
+class HyperRecorder(Callback):
+    "Record the hyperparameters of one param group of the PyTorch optimizer, under its own names, before each training step"
+    run_valid = False
+
+    def __init__(self, group: int = -1):  # which param group (default: the last, as fastai's `Recorder`)
+        self.group, self.hps = group, {}
+
+    def before_fit(self): self.hps = {}
+
+    def before_step(self):
+        "What the optimizer is about to step with: `betas=(a, b)` is recorded as `betas__0`, `betas__1`"
+        for name, value in detuplify_pg(self.opt.opt.param_groups[self.group]).items():
+            self.hps.setdefault(name, []).append(value)
+
+    def assert_follows(self, name: str, schedule, tol: float = 1e-6):
+        "Assert that hyperparameter `name` (the optimizer's own name) took the values `schedule`, step by step"
+        opt_name = type(self.opt.opt).__name__
+        if name not in self.hps: raise AssertionError(f"{opt_name} has no hyperparameter {name!r}; it has {sorted(self.hps)}")
+        got, want = torch.tensor(self.hps[name], dtype=torch.float64), torch.tensor(list(schedule), dtype=torch.float64)
+        if got.shape != want.shape: raise AssertionError(f"{len(got)} steps recorded, {len(want)} scheduled")
+        i = (got - want).abs().argmax().item()
+        if abs(got[i] - want[i]) > tol:
+            raise AssertionError(f"{opt_name}'s {name} does not follow the schedule: {got[i]:.4g} at step {i}, scheduled {want[i]:.4g}")
 
 # %% ../nbs/02_fastai.ipynb #4b323fa2
 def no_decay_splitter(model: nn.Module, wd_ban_list=('bias',)) -> list:

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from .problems import run_2d, get_test_function
 
@@ -33,24 +34,37 @@ def _grid(name: str, resolution: int = 200):
     x, y = np.meshgrid(np.linspace(x0, x1, resolution), np.linspace(y0, y1, resolution))
     return x, y, spec['f'](x, y)
 
+def _last_finite(path: np.ndarray) -> np.ndarray:
+    "The last point of `path` that is finite (where a diverging run was last seen)"
+    return path[np.isfinite(path).all(1)][-1]
+
 def plot_trajectories(trajectories: dict,               # label -> (steps+1, 2) tensor or array, e.g. from `run_2d`
                       name: str = 'rosenbrock',         # a key of `TEST_FUNCTIONS`
                       ax: Axes | None = None,
-                      levels: int | Sequence = 30) -> Axes:  # how many log-spaced levels, or the levels
-    "Contours of the test function `name` with each trajectory, the start and the minimum"
+                      levels: int | Sequence = 30,      # how many log-spaced levels, or the levels
+                      lrs: dict | float | None = None   # label -> learning rate (or one for all), named in the legend
+                     ) -> Axes:
+    "Contours of the test function `name`; each trajectory with its end point; the start and the minimum"
+    spec = get_test_function(name)  # an unknown name fails before a figure is made
     if ax is None: _, ax = plt.subplots(figsize=(6, 5))
-    spec = get_test_function(name)
     x, y, z = _grid(name)
     if isinstance(levels, int): levels = contour_levels(z, levels)
     ax.contour(x, y, z, levels=levels, norm=LogNorm(), cmap='Greys', linewidths=0.6, alpha=0.7)
-    for label, path in trajectories.items():
-        path = torch.as_tensor(path).detach().cpu().numpy()
-        ax.plot(path[:, 0], path[:, 1], lw=1.5, label=label)
-    ax.plot(*spec['start'], 'o', color='black', ms=6, ls='none', label='start')
-    ax.plot(*spec['minimum'], '*', color='red', ms=12, ls='none', label='minimum')
+    paths = {label: torch.as_tensor(p).detach().cpu().double().numpy() for label, p in trajectories.items()}
+    lines, widths = [], np.linspace(3, 1.5, len(paths)) if len(paths) > 1 else [1.5]
+    for width, (label, path) in zip(widths, paths.items()):  # later paths thinner: overlapping ones stay visible
+        lr = lrs.get(label) if isinstance(lrs, dict) else lrs
+        if lr is not None: label = f'{label}, lr={lr:g}'
+        if not np.isfinite(path[-1]).all(): label += ' (diverged)'
+        lines += ax.plot(path[:, 0], path[:, 1], lw=width, label=label)
+    for line, path in zip(lines, paths.values()):
+        ax.plot(*_last_finite(path), 's', color=line.get_color(), mec='black', ms=7, zorder=3)
+    start, = ax.plot(*spec['start'], 'o', color='black', ms=7, ls='none', zorder=4, label='start')
+    minimum, = ax.plot(*spec['minimum'], '*', color='red', ms=12, ls='none', zorder=4, label='minimum')
+    end = Line2D([], [], marker='s', color='grey', mec='black', ms=7, ls='none', label='end (colour of its path)')
     (x0, x1), (y0, y1) = spec['bounds']
     ax.set(xlim=(x0, x1), ylim=(y0, y1), xlabel='x', ylabel='y', title=name)
-    ax.legend(loc='best', fontsize='small')
+    ax.legend(handles=[*lines, start, end, minimum], loc='best', fontsize='small')
     return ax
 
 # %% ../nbs/05_plots.ipynb #751f3b8b
@@ -73,7 +87,8 @@ def plot_schedule(values: dict,                   # name -> sequence of values, 
                   ax: Axes | Sequence[Axes] | None = None,
                   xlabel: str = 'iteration') -> list[Axes]:
     "Plot each hyperparameter schedule, on its own axes unless a single `ax` is given"
-    if ax is None:
+    new_figure = ax is None
+    if new_figure:
         _, ax = plt.subplots(1, len(values), figsize=(4 * len(values), 3), squeeze=False)
         ax = list(ax.flat)
     axs = [ax] * len(values) if isinstance(ax, Axes) else list(ax)
@@ -82,6 +97,7 @@ def plot_schedule(values: dict,                   # name -> sequence of values, 
         a.plot(np.arange(len(vals)), np.asarray(vals, dtype=float), label=name)
         a.set(xlabel=xlabel, ylabel=name if len(set(map(id, axs))) > 1 else 'value')
     if len(set(map(id, axs))) == 1 and values: axs[0].legend(fontsize='small')
+    if new_figure: axs[0].figure.tight_layout()  # keep the y labels clear of the neighbouring axes
     return axs
 
 # %% ../nbs/05_plots.ipynb #0f3cef26
@@ -92,7 +108,8 @@ def compare_on_2d(optimizers: dict,           # label -> (optimizer class or fac
     f = get_test_function(name)['f']
     paths = {label: run_2d(opt, name, steps, **hypers) for label, (opt, hypers) in optimizers.items()}
     fig, (ax_path, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
-    plot_trajectories(paths, name, ax=ax_path)
+    lrs = {label: hypers['lr'] for label, (_, hypers) in optimizers.items() if 'lr' in hypers}
+    plot_trajectories(paths, name, ax=ax_path, lrs=lrs)
     plot_losses({label: f(p[:, 0], p[:, 1]).tolist() for label, p in paths.items()}, ax=ax_loss,
                 title=f'{name}: f along the path')
     fig.tight_layout()

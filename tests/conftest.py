@@ -1,6 +1,7 @@
 "Shared fixtures for the optim_lab test suite: the registered optimizers and a small toy problem"
 from __future__ import annotations
-import inspect, os
+import importlib.util, inspect, os
+from pathlib import Path
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
@@ -27,6 +28,16 @@ TOY_STEPS = 150
 # Optimizers whose update couples parameters (a global norm, a line search over all parameters): the test
 # that a parameter's trajectory does not depend on the other parameters in the optimizer skips them.
 CROSS_PARAM: set[str] = set()
+
+# Each chapter family may add its own knobs in a `tests/knobs_<family>.py` defining any of TOY_LR, TOY_HYPERS and
+# CROSS_PARAM; they are merged here, so that chapters written in parallel never edit the same file.
+for _path in sorted(Path(__file__).parent.glob('knobs_*.py')):
+    _spec = importlib.util.spec_from_file_location(_path.stem, _path)
+    _knobs = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_knobs)
+    TOY_LR.update(getattr(_knobs, 'TOY_LR', {}))
+    TOY_HYPERS.update(getattr(_knobs, 'TOY_HYPERS', {}))
+    CROSS_PARAM.update(getattr(_knobs, 'CROSS_PARAM', set()))
 
 
 def opt_class(name: str) -> type: return load_optimizer(name)

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..core import LabOptimizer, Beta, NonNegative, Flag
+from ..core import LabOptimizer, Beta, NonNegative, Flag, addcmul_, sqrt
 from ..registry import register
 
 # %% auto #0
@@ -19,13 +19,13 @@ def adam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int,
                 eps: float, max_exp_avg_sq: Tensor | None = None) -> Tensor:
     "Adam's direction m_hat / (sqrt(v_hat) + eps); updates `exp_avg` (m) and `exp_avg_sq` (v) in place"
     exp_avg.lerp_(grad, 1 - beta1)                                  # m_t
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)    # v_t
+    addcmul_(exp_avg_sq.mul_(beta2), grad, grad, value=1 - beta2)   # v_t
     if max_exp_avg_sq is not None:                                  # AMSGrad: max_{s<=t} v_s
         torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         exp_avg_sq = max_exp_avg_sq
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
-    denom = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(eps)  # sqrt(v_hat) + eps
+    denom = exp_avg_sq.sqrt().div_(sqrt(bias_correction2)).add_(eps)  # sqrt(v_hat) + eps
     return torch.div(exp_avg, denom, out=denom).div_(bias_correction1)    # m_hat / denom, in denom's buffer
 
 # %% ../../nbs/11_adam.ipynb #fd5b20fb
@@ -50,10 +50,9 @@ class Adam(LabOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       decoupled_wd=decoupled_wd, amsgrad=amsgrad, maximize=maximize), **kwargs)
 
-    def init_state(self, p, state):
-        super().init_state(p, state)
-        if self.defaults['amsgrad'] or any(g['amsgrad'] for g in self.param_groups):
-            state['max_exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def prepare_state(self, p, state, group):
+        if group['amsgrad'] and 'max_exp_avg_sq' not in state:  # also when amsgrad is switched on later
+            state['max_exp_avg_sq'] = state['exp_avg_sq'].clone()  # max_{s<=t} v_s over the steps since then
 
     def update(self, p, grad, state, group):
         beta1, beta2 = group['betas']

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import LabOptimizer, Beta, NonNegative, Positive
+from ..core import LabOptimizer, Beta, NonNegative, Positive, add_, addcmul_, sqrt, where
 from ..registry import register
 
 # %% auto #0
@@ -27,9 +27,9 @@ def duv_adam_update(grad: Tensor, exp_avg: Tensor, exp_avg_dev: Tensor, *, step:
                     eps: float) -> Tensor:
     "DuvAdam's direction m_hat / (1 + sqrt(v_hat)); updates `exp_avg` (m) and `exp_avg_dev` (v) in place"
     surprise = safe_ratio(grad, exp_avg, eps).sub_(1)                # r_t - 1, r_t = 1 if |m_{t-1}| <= eps
-    exp_avg_dev.mul_(beta2).addcmul_(surprise, surprise, value=1 - beta2)  # v_t
+    addcmul_(exp_avg_dev.mul_(beta2), surprise, surprise, value=1 - beta2)  # v_t
     exp_avg.lerp_(grad, 1 - beta1)                                   # m_t
-    denom = torch.sqrt(exp_avg_dev, out=surprise).div_(math.sqrt(1 - beta2 ** step)).add_(1)  # 1 + sqrt(v_hat)
+    denom = torch.sqrt(exp_avg_dev, out=surprise).div_(sqrt(1 - beta2 ** step)).add_(1)  # 1 + sqrt(v_hat)
     return torch.div(exp_avg, denom, out=denom).div_(1 - beta1 ** step)  # m_hat / (1 + sqrt(v_hat))
 
 # %% ../../nbs/17_experimental.ipynb #fe664164
@@ -64,7 +64,7 @@ def su_adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_dev: Te
     "SUAdam's direction eps_t * m_hat / (1 + v_hat); updates `exp_avg` (m) and `exp_avg_dev` (v) in place"
     s = grad.sign()                                                  # s_t
     surprise = safe_ratio(s, exp_avg, eps).sub_(1).abs_()            # |r_t - 1|, r_t = s_t / m_{t-1} (1 if |m_{t-1}| <= eps)
-    exp_avg_dev.mul_(beta2).add_(surprise, alpha=1 - beta2)          # v_t
+    add_(exp_avg_dev.mul_(beta2), surprise, alpha=1 - beta2)         # v_t
     exp_avg.lerp_(s, 1 - beta1)                                      # m_t
     layer_scale = torch.abs(param, out=s).mean().clamp_min(min_scale)  # ε_t (|θ| in s's buffer, s is used up)
     denom = torch.div(exp_avg_dev, 1 - beta2 ** step, out=surprise).add_(1)  # 1 + v_hat
@@ -108,16 +108,16 @@ def b_adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_diff: Te
                   prev_update: Tensor, *, step: int, lr: float, beta1: float, beta2: float, smooth: float,
                   min_scale: float) -> Tensor:
     "BAdam's direction; updates m, v, the previous gradient and the previous step s = lr * direction in place"
+    first = step == 1                                                     # no previous step: v waits until t = 2
     exp_avg.lerp_(grad, 1 - beta1)                                        # m_t
     layer_scale = param.abs().mean().clamp_min(min_scale)                 # ε_t
     scale = layer_scale / (1 - beta1 ** step)                             # ε_t / (1 - β1^t): ε_t m_hat = scale m_t
-    if step == 1: direction = exp_avg * scale                             # no previous step: momentum step ε_1 m_hat
-    else:
-        phi = (grad - prev_grad).div_(softplus(prev_update.abs_(), smooth))  # Φ_t (|s_{t-1}| in place: s is rewritten below)
-        exp_avg_diff.mul_(beta2).add_(phi, alpha=1 - beta2)               # v_t
-        v_hat = torch.div(exp_avg_diff, 1 - beta2 ** (step - 1), out=phi)  # v_hat_t, in Φ_t's buffer
-        denom = softplus(v_hat.abs_(), smooth)                            # sp(|v_hat_t|)
-        direction = torch.div(exp_avg, denom, out=denom).mul_(scale)      # ε_t m_hat / sp(|v_hat_t|)
+    phi = (grad - prev_grad).div_(softplus(prev_update.abs_(), smooth))   # Φ_t (|s_{t-1}| in place: s is rewritten below)
+    keep = where(first, 1.0, beta2)
+    add_(exp_avg_diff.mul_(keep), phi, alpha=1 - keep)                    # v_t (v_1 = v_0 = 0)
+    v_hat = torch.div(exp_avg_diff, where(first, 1.0, 1 - beta2 ** (step - 1)), out=phi)  # v_hat_t, in Φ_t's buffer
+    denom = where(first, 1.0, softplus(v_hat.abs_(), smooth))             # sp(|v_hat_t|); 1 at t = 1: a momentum step
+    direction = torch.div(exp_avg, denom).mul_(scale)                     # ε_t m_hat / sp(|v_hat_t|)
     prev_grad.copy_(grad)
     torch.mul(direction, lr, out=prev_update)                             # s_t
     return direction
@@ -129,6 +129,7 @@ class BAdam(LabOptimizer):
     constraints = dict(betas=(Beta, Beta), smooth=Positive, min_scale=Positive)
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(b_adam_update)
+    static_hypers = ('smooth',)                 # softplus's `beta=` takes a Python number
     state_buffers = ('exp_avg', 'exp_avg_diff', 'prev_grad', 'prev_update')  # m, v, g_{t-1}, s_{t-1}
 
     def __init__(self, params,

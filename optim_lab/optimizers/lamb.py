@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..core import LabOptimizer, Beta, NonNegative, Positive, Flag
+from ..core import LabOptimizer, Beta, NonNegative, Positive, Flag, add_, addcmul_, sqrt
 from ..registry import register
 
 # %% auto #0
@@ -37,12 +37,12 @@ def lamb_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
                 clamp_value: float = math.inf, trust_ratio: Tensor | None = None) -> Tensor:
     "LAMB's direction rho * (r + wd * param); updates `exp_avg` (m), `exp_avg_sq` (v) and `trust_ratio` in place"
     exp_avg.lerp_(grad, 1 - beta1)                                  # m_t
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)    # v_t
+    addcmul_(exp_avg_sq.mul_(beta2), grad, grad, value=1 - beta2)   # v_t
     bc1 = 1 - beta1 ** step if bias_correction else 1.0
     bc2 = 1 - beta2 ** step if bias_correction else 1.0
-    denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps)        # sqrt(v_hat) + eps
+    denom = exp_avg_sq.sqrt().div_(sqrt(bc2)).add_(eps)             # sqrt(v_hat) + eps
     update = torch.div(exp_avg, denom, out=denom).div_(bc1)         # r_t, in denom's buffer
-    if weight_decay != 0: update.add_(param, alpha=weight_decay)    # u_t = r_t + wd * theta
+    add_(update, param, alpha=weight_decay)                         # u_t = r_t + wd * theta
     weight_norm = torch.linalg.vector_norm(param).clamp(max=clamp_value)  # phi(||theta||)
     scale = max_abs(update)                                         # ||u_t|| = max|u_t| * ||u_t / max|u_t|||
     scale = torch.where(scale > 0, scale, 1.0)                      #   (as in scaled_norm, but in place)

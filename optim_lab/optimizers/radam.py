@@ -8,16 +8,16 @@ import math
 import torch
 from torch import Tensor
 
-from ..core import LabOptimizer, Range, Beta, NonNegative
+from ..core import LabOptimizer, Range, Beta, NonNegative, addcmul_, sqrt, where
 from ..registry import register
 
 # %% auto #0
-__all__ = ['radam_rho', 'radam_rectifier', 'radam_update', 'RAdam']
+__all__ = ['radam_rho', 'radam_rectifier', 'rectifier_or_zero', 'radam_update', 'RAdam']
 
 # %% ../../nbs/12_radam.ipynb #7be99827
 def radam_rho(step: int, beta2: float) -> float:
     "ρ_t: the length of the simple moving average equivalent to v_t's exponential one at step `step` >= 1"
-    if step < 1: raise ValueError(f"radam_rho: step={step!r} must be >= 1")
+    if not isinstance(step, Tensor) and step < 1: raise ValueError(f"radam_rho: step={step!r} must be >= 1")
     rho_inf = 2 / (1 - beta2) - 1
     return rho_inf - 2 * step * beta2 ** step / (1 - beta2 ** step)
 
@@ -30,17 +30,23 @@ def radam_rectifier(step: int, beta2: float, threshold: float = 5.0) -> float | 
     return math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
 
 # %% ../../nbs/12_radam.ipynb #77fe845d
+def rectifier_or_zero(rho_t, beta2: float, threshold: float):
+    "r_t where ρ_t > `threshold`, else 0; for numbers or 0-d tensors (compiled steps: no branch on ρ_t)"
+    rho_inf = 2 / (1 - beta2) - 1
+    on = rho_t > threshold                                           # then ρ_∞ > ρ_t > 4: r_t is real
+    rho_t, rho_inf = where(on, rho_t, 5.0), where(on, rho_inf, 5.0)  # harmless values where r_t is not used
+    return where(on, sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)), 0.0)
+
 def radam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, beta1: float, beta2: float,
                  eps: float, rho_threshold: float = 5.0) -> Tensor:
     "RAdam's direction; updates `exp_avg` (m) and `exp_avg_sq` (v) in place"
     exp_avg.lerp_(grad, 1 - beta1)                                  # m_t
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)    # v_t
+    addcmul_(exp_avg_sq.mul_(beta2), grad, grad, value=1 - beta2)   # v_t
     bias_correction1 = 1 - beta1 ** step                            # m_hat_t = m_t / (1 - β1^t)
-    r = radam_rectifier(step, beta2, rho_threshold)                 # ρ_t, r_t
-    if r is None: return exp_avg / bias_correction1                 # m_hat_t: momentum SGD
-    denom = exp_avg_sq.sqrt().add_(eps)                             # sqrt(v_t) + ε
-    scale = r * math.sqrt(1 - beta2 ** step) / bias_correction1     # r_t sqrt(1 - β2^t) / (1 - β1^t)
-    return torch.div(exp_avg, denom, out=denom).mul_(scale)         # r_t m_hat_t l_t, in denom's buffer
+    r = rectifier_or_zero(radam_rho(step, beta2), beta2, rho_threshold)  # r_t, 0 while ρ_t <= threshold
+    lr_scale = exp_avg_sq.sqrt().add_(eps).div_(r * sqrt(1 - beta2 ** step))  # 1 / (r_t l_t)
+    denom = where(r > 0, lr_scale, 1.0)                             # 1 while ρ_t <= threshold: momentum SGD
+    return torch.div(exp_avg, denom).div_(bias_correction1)         # r_t m_hat_t l_t, or m_hat_t
 
 # %% ../../nbs/12_radam.ipynb #3c9c7a0e
 @register(paper='On the Variance of the Adaptive Learning Rate and Beyond', year=2020,

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import LabOptimizer, Beta, Flag, Range, FinitePositive
+from ..core import LabOptimizer, Beta, Flag, Range, FinitePositive, addcmul_, sqrt
 from ..registry import register
-from .radam import radam_rectifier, radam_rho
+from .radam import radam_rectifier, radam_rho, rectifier_or_zero
+from ..core import where
 
 # %% auto #0
 __all__ = ['SOFTPLUS_THRESHOLD', 'softplus_denominator', 'sadam_update', 'SAdam', 'sradam_update', 'SRAdam']
@@ -21,19 +22,20 @@ SOFTPLUS_THRESHOLD = 40.0  # softplus(x) returns x beyond smooth*x > 40: exact t
 
 def softplus_denominator(x: Tensor, smooth: float, scale: float = 1.0) -> Tensor:
     "scale * sp_smooth(x / scale), sp_smooth(x) = log(1 + exp(smooth * x)) / smooth, without overflow or forming x / scale"
-    return F.softplus(x, beta=smooth / scale, threshold=SOFTPLUS_THRESHOLD)  # c sp_β(x/c) = sp_{β/c}(x)
+    k = smooth / scale                                              # c sp_β(x/c) = sp_{β/c}(x) = sp_1(kx) / k
+    return F.softplus(x * k, threshold=SOFTPLUS_THRESHOLD).div_(k)  # (softplus's `beta=` takes Python numbers only)
 
 # %% ../../nbs/13_sadam.ipynb #d94923ec
 def sadam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, beta1: float, beta2: float,
                  smooth: float, max_exp_avg_sq: Tensor | None = None) -> Tensor:
     "SAdam's direction m_hat / softplus(sqrt(v_hat)); updates `exp_avg` (m) and `exp_avg_sq` (v) in place"
     exp_avg.lerp_(grad, 1 - beta1)                                  # m_t
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)    # v_t
+    addcmul_(exp_avg_sq.mul_(beta2), grad, grad, value=1 - beta2)   # v_t
     if max_exp_avg_sq is not None:                                  # SAMSGrad: max_{s<=t} v_s
         torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         exp_avg_sq = max_exp_avg_sq
     bias_correction1 = 1 - beta1 ** step                            # m_hat_t = m_t / (1 - β1^t)
-    c = math.sqrt(1 - beta2 ** step)                                # sqrt(v_hat_t) = sqrt(v_t) / c
+    c = sqrt(1 - beta2 ** step)                                     # sqrt(v_hat_t) = sqrt(v_t) / c
     denom = softplus_denominator(exp_avg_sq.sqrt(), smooth, scale=c)  # c sp(sqrt(v_hat_t))
     return torch.div(exp_avg, denom, out=denom).mul_(c / bias_correction1)  # m_hat_t / sp(sqrt(v_hat_t)), in denom's buffer
 
@@ -59,10 +61,9 @@ class SAdam(LabOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, smooth=smooth, weight_decay=weight_decay,
                                       decoupled_wd=decoupled_wd, amsgrad=amsgrad, maximize=maximize), **kwargs)
 
-    def init_state(self, p, state):
-        super().init_state(p, state)
-        if self.defaults['amsgrad'] or any(g['amsgrad'] for g in self.param_groups):
-            state['max_exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def prepare_state(self, p, state, group):
+        if group['amsgrad'] and 'max_exp_avg_sq' not in state:  # also when amsgrad is switched on later
+            state['max_exp_avg_sq'] = state['exp_avg_sq'].clone()  # max_{s<=t} v_s over the steps since then
 
     def update(self, p, grad, state, group):
         beta1, beta2 = group['betas']
@@ -75,13 +76,12 @@ def sradam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: in
                   smooth: float, rho_threshold: float = 5.0) -> Tensor:
     "SRAdam's direction: m_hat / softplus(sqrt(v_hat) / r_t) once rectified, else m_hat; updates m and v in place"
     exp_avg.lerp_(grad, 1 - beta1)                                  # m_t
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)    # v_t
+    addcmul_(exp_avg_sq.mul_(beta2), grad, grad, value=1 - beta2)   # v_t
     bias_correction1 = 1 - beta1 ** step                            # m_hat_t = m_t / (1 - β1^t)
-    r = radam_rectifier(step, beta2, rho_threshold)                 # r_t, None while rho_t <= threshold
-    if r is None: return exp_avg / bias_correction1                 # m_hat_t: momentum SGD
-    c = math.sqrt(1 - beta2 ** step) * r                            # sqrt(v_hat_t) / r_t = sqrt(v_t) / c
-    denom = softplus_denominator(exp_avg_sq.sqrt(), smooth, scale=c)  # c sp(sqrt(v_hat_t) / r_t)
-    return torch.div(exp_avg, denom, out=denom).mul_(c / bias_correction1)  # m_hat_t / sp(sqrt(v_hat_t) / r_t), in denom's buffer
+    r = rectifier_or_zero(radam_rho(step, beta2), beta2, rho_threshold)  # r_t, 0 while rho_t <= threshold
+    c = sqrt(1 - beta2 ** step) * where(r > 0, r, 1.0)              # sqrt(v_hat_t) / r_t = sqrt(v_t) / c
+    denom = softplus_denominator(exp_avg_sq.sqrt(), smooth, scale=c).div_(c)  # sp(sqrt(v_hat_t) / r_t)
+    return torch.div(exp_avg, where(r > 0, denom, 1.0)).div_(bias_correction1)  # m_hat_t / sp(...), or m_hat_t
 
 # %% ../../nbs/13_sadam.ipynb #0985eb6d
 @register(paper="Seed notebook: SRAdam, RAdam's rectifier with SAdam's softplus denominator (unpublished)",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..core import LabOptimizer, Beta, NonNegative, Flag
+from ..core import LabOptimizer, Beta, NonNegative, Flag, add_
 from ..registry import register
 from .adam import adam_update
 
@@ -42,7 +42,7 @@ def adam_awd_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Te
                     *, lr: float, step: int, beta1: float, beta2: float, eps: float) -> None:
     "AdamAWD: Adam's step on `param` in place, then each output channel rescaled to its initial norm ||θ_0^k||"
     s = adam_update(grad, exp_avg, exp_avg_sq, step=step, beta1=beta1, beta2=beta2, eps=eps)  # s_t
-    param.add_(s, alpha=-lr)                                                                 # θ~_t
+    add_(param, s, alpha=-lr)                                                                 # θ~_t
     if init_norm is not None:
         c = norm_ratio(init_norm, channel_norms(param))                                      # c_t^k
         param.mul_(_per_channel(c, param))                                                   # θ_t

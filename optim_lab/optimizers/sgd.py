@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core import LabOptimizer, Range, Beta, Flag, check_hypers
+from ..core import LabOptimizer, Range, Beta, Flag, check_hypers, add_, add, where, LOW_PRECISION
 from ..registry import register
 
 # %% auto #0
@@ -16,11 +16,10 @@ __all__ = ['sgd_update', 'SGD']
 # %% ../../nbs/10_sgd.ipynb #cf501340
 def sgd_update(grad: Tensor, momentum_buffer: Tensor | None, *, first: bool, momentum: float, dampening: float,
                nesterov: bool) -> Tensor:
-    "SGD's direction d_t; updates `momentum_buffer` (b) in place. `first`: b is new, so b_1 = g_1"
-    if momentum == 0: return grad                                               # d_t = g_t
-    if first: momentum_buffer.copy_(grad)                                       # b_1 = g_1
-    else: momentum_buffer.mul_(momentum).add_(grad, alpha=1 - dampening)        # b_t = μ b_{t-1} + (1-δ) g_t
-    return grad.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer  # d_t
+    "SGD's direction d_t; updates `momentum_buffer` (b) in place. No buffer: plain SGD; `first`: b is new (zero), so b_1 = g_1"
+    if momentum_buffer is None: return grad                                     # d_t = g_t
+    add_(momentum_buffer.mul_(momentum), grad, alpha=where(first, 1.0, 1 - dampening))  # b_1 = g_1; b_t = μ b_{t-1} + (1-δ) g_t
+    return add(grad, momentum_buffer, alpha=momentum) if nesterov else momentum_buffer  # d_t
 
 # %% ../../nbs/10_sgd.ipynb #1d5b3609
 def _check_nesterov(owner: str, hypers: dict, constraints: dict):
@@ -57,9 +56,15 @@ class SGD(LabOptimizer):
         _check_nesterov(type(self).__name__, merged, self.all_constraints())
         super().add_param_group(param_group)
 
+    def prepare_state(self, p, state, group):
+        "The momentum buffer appears on the first step with momentum (a schedule may switch it on later)"
+        if group['momentum'] != 0 and 'momentum_buffer' not in state:
+            dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
+            state['momentum_buffer'] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state['momentum_from'] = state['step'] + 1  # the step that starts it: b = g there
+
     def update(self, p, grad, state, group):
-        momentum = group['momentum']
-        first = momentum != 0 and 'momentum_buffer' not in state
-        if first: state['momentum_buffer'] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return self.update_fn(grad, state.get('momentum_buffer'), first=first, momentum=momentum,
+        buffer = state.get('momentum_buffer')
+        first = buffer is not None and state['step'] == state['momentum_from']
+        return self.update_fn(grad, buffer, first=first, momentum=group['momentum'],
                               dampening=group['dampening'], nesterov=group['nesterov'])

@@ -1,0 +1,9 @@
+"Toy-problem knobs for the chapters 25-28 (AdamP, SGDP, AdaHessian, Nero, Shampoo); merged by conftest.py"
+
+# Shampoo's steps shrink like AdaGrad's (~ 1/sqrt(t)) and SGDP is plain SGD by default (momentum=0): both need a
+# larger learning rate than 1e-2 to halve the toy loss in 150 steps.
+TOY_LR = {'Shampoo': 0.1, 'SGDP': 0.1, 'AdaHessian': 0.1}
+
+# AdaHessian's Hessian-vector product z -> Hz runs over all parameters at once, so a parameter's estimate depends on
+# the other parameters' Rademacher vectors (and on the shared random stream).
+CROSS_PARAM = {'AdaHessian'}

@@ -1,0 +1,69 @@
+"""The compile contract (nbs/00_core.ipynb, "The compile rule"): for every registered optimizer, `compile=True`
+compiles each group's whole step into one graph, agrees with the eager step, shares its `state_dict`, and does
+not recompile once warmed up, even while a schedule changes the learning rate every step."""
+from __future__ import annotations
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from conftest import ALL, make_opt, opt_class
+
+SHAPES = [(7, 5), (5,), (3, 2, 3, 3)]  # a weight, a bias, a conv kernel
+STEPS, SAVE_AT, WARM = 20, 10, 4
+
+
+def start_params():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g) for s in SHAPES]
+
+
+def fake_grad(p: torch.Tensor, t: int) -> torch.Tensor:
+    "A deterministic gradient that depends on the weights (so that trajectories can diverge) and on the step"
+    g = torch.Generator().manual_seed(100 + t)
+    return torch.sin(3 * p.detach()) + 0.5 * torch.randn(p.shape, generator=g)
+
+
+def run(name, compile, steps=STEPS, load=None, first_step=0):
+    "`steps` steps from the fixed start (or from `load` = (weights, state_dict)); lr follows a schedule"
+    params = [x.clone().requires_grad_() for x in (load[0] if load else start_params())]
+    opt = make_opt(name, params, compile=compile)
+    base_lr = opt.param_groups[0]['lr']
+    if load: opt.load_state_dict(load[1])
+    saved, graphs = None, []
+    for t in range(first_step, first_step + steps):
+        opt.param_groups[0]['lr'] = base_lr * (1 - t / (2 * STEPS))  # a new value every step: must not recompile
+        for p in params: p.grad = fake_grad(p, t)
+        opt.step()
+        graphs.append(counters['stats']['unique_graphs'])
+        if t + 1 == SAVE_AT: saved = ([p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()))
+    return [p.detach() for p in params], saved, graphs
+
+
+def close(a, b, what):
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m: f'{what}, tensor {i}: {m}')
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_compile_contract(name):
+    cls = opt_class(name)
+    if cls.compile_refusal:
+        with pytest.raises(ValueError, match='compile=True'): make_opt(name, [torch.zeros(2, requires_grad=True)], compile=True)
+        pytest.skip(f'{name} refuses compile=True: {cls.compile_refusal}')
+    if cls.needs_closure: pytest.skip(f'{name} needs a closure; covered by its chapter')
+    torch._dynamo.reset()
+    counters.clear()
+    eager, (eager_mid, eager_state), _ = run(name, compile=False)
+    compiled, (compiled_mid, compiled_state), graphs = run(name, compile=True)
+    close(eager, compiled, f'{name}: eager vs compile=True after {STEPS} steps')
+    assert graphs[-1] == graphs[WARM - 1], (f'{name}: the compiled step recompiled after warm-up '
+                                            f'(graphs per step: {graphs})')
+    assert graphs[-1] <= 4, f'{name}: {graphs[-1]} graphs compiled for one group (bound: 4)'
+    # A state_dict saved by one mode resumes in the other
+    resumed, _, _ = run(name, compile=True, steps=STEPS - SAVE_AT, load=(eager_mid, eager_state), first_step=SAVE_AT)
+    close(eager, resumed, f'{name}: eager state_dict resumed with compile=True')
+    resumed, _, _ = run(name, compile=False, steps=STEPS - SAVE_AT, load=(compiled_mid, compiled_state), first_step=SAVE_AT)
+    close(eager, resumed, f'{name}: compile=True state_dict resumed eagerly')
