@@ -3,6 +3,12 @@ __version__ = "0.1.0"
 from .core import LabOptimizer
 from .registry import register, load_optimizer, create_optimizer, list_optimizers, optimizer_table
 
+from .toolkit.transforms import unit_norm, agc, centralize_gradient, normalize_gradient, norm_loss_grad
+from .toolkit.wrappers import OptimizerWrapper, Lookahead, SAM, PCGrad, pcgrad_project
+from .toolkit.schedules import (linear_warmup, explore_exploit, get_chebyshev_steps, get_chebyshev_permutation,
+                                get_chebyshev_perm_steps, get_chebyshev_lr_lambda, get_chebyshev_schedule, fastai_schedule)
+from . import functional
+
 
 def __getattr__(name: str):
     "`from optim_lab import Adam`: every registered optimizer, by its class name"

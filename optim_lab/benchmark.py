@@ -15,8 +15,8 @@ from .registry import list_optimizers, load_optimizer
 
 # %% auto #0
 __all__ = ['LR_FACTORS', 'ADAM_LR', 'SOLVED', 'WORKLOAD', 'STEP_TIME_HYPERS', 'default_lr', 'convergence', 'leaderboard',
-           'make_params', 'peer_factories', 'time_optimizers', 'step_time_table', 'markdown_table', 'write_csv',
-           'plot_results', 'run_lab', 'main']
+           'make_params', 'peer_factories', 'time_optimizers', 'state_bytes_per_param', 'step_time_table',
+           'markdown_table', 'write_csv', 'plot_results', 'run_lab', 'main']
 
 # %% ../nbs/90_benchmark.ipynb #eef5a33c
 def default_lr(cls) -> float:
@@ -90,12 +90,16 @@ def peer_factories() -> dict[str, Callable]:
     return peers
 
 def time_optimizers(factories: dict[str, Callable], rounds: int = 5, steps: int = 5, shapes=WORKLOAD,
-                    progress=None) -> dict[str, float]:
-    "Median seconds per step of each optimizer, measured round robin on its own copy of the workload"
+                    progress=None, keep: bool = False):
+    "Median seconds per step of each optimizer, measured round robin on its own copy of the workload (and the optimizers, with `keep`)"
     opts = {}
     for name, factory in factories.items():
-        opt = factory(make_params(shapes))
-        opt.step(); opt.step()  # state created, compiled code warmed up
+        try:
+            opt = factory(make_params(shapes))
+            opt.step(); opt.step()  # state created, compiled code warmed up
+        except Exception as e:  # reported as a missing entry (and printed), not a crashed benchmark
+            print(f'{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}', file=sys.stderr)
+            continue
         opts[name] = opt
     samples = {name: [] for name in opts}
     for _ in range(rounds):
@@ -104,31 +108,58 @@ def time_optimizers(factories: dict[str, Callable], rounds: int = 5, steps: int 
             for _ in range(steps): opt.step()
             samples[name].append((time.perf_counter() - start) / steps)
             if progress is not None: progress.update(1)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    secs = {name: statistics.median(s) for name, s in samples.items()}
+    return (secs, opts) if keep else secs
 
 # %% ../nbs/90_benchmark.ipynb #93bffb6f
-def step_time_table(names, rounds: int = 5, steps: int = 5, shapes=WORKLOAD, compile_names=('Adam',),
+def state_bytes_per_param(opt) -> float:
+    "Bytes of per-parameter state tensors (scalars excluded) per parameter element"
+    n = sum(p.numel() for g in opt.param_groups for p in g['params'])
+    held = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if isinstance(v, Tensor) and v.dim() > 0)
+    return held / n
+
+def _peer_factory(name: str, peers: dict):
+    "pytorch-optimizer's optimizer of the same name (or torch.optim's), if there is one"
+    if name in peers: return peers[name]
+    try:
+        import pytorch_optimizer as po
+        cls = po.load_optimizer(name.lower())
+    except Exception: return None
+    return (f'pytorch_optimizer.{cls.__name__}', lambda ps, cls=cls: cls(ps, lr=1e-3))
+
+def step_time_table(names, rounds: int = 5, steps: int = 5, shapes=WORKLOAD, compile_names=None,
                     progress=None) -> list[dict]:
-    "Step time of every optimizer as ratios to fused Adam, foreach Adam and the same algorithm in a peer"
+    """Step time of every optimizer, eager and `compile=True`, as ratios to torch's fused Adam (and to the same
+    algorithm in a peer), with its state in bytes per parameter beside the minimum its math needs"""
     peers = peer_factories()
     factories = {'torch Adam (fused)': lambda ps: torch.optim.Adam(ps, fused=True),
                  'torch Adam (foreach)': lambda ps: torch.optim.Adam(ps, foreach=True)}
+    compile_names = names if compile_names is None else compile_names
     for name in names:
         cls, hypers = load_optimizer(name), STEP_TIME_HYPERS.get(name, {})
+        if cls.needs_closure or cls.needs_create_graph: continue  # timed in their chapters
         factories[name] = lambda ps, cls=cls, hypers=hypers: cls(ps, **hypers)
-        if name in peers: factories[f'peer:{name}'] = peers[name][1]
-    for name in compile_names:
-        factories[f'{name} (compile=True)'] = lambda ps, cls=load_optimizer(name): cls(ps, compile=True)
-    secs = time_optimizers(factories, rounds, steps, shapes, progress)
-    fused, foreach = secs['torch Adam (fused)'], secs['torch Adam (foreach)']
-    n = sum(math.prod(s) for s in shapes)
+        if name in compile_names and not cls.compile_refusal:
+            factories[f'{name} (compile)'] = lambda ps, cls=cls, hypers=hypers: cls(ps, compile=True, **hypers)
+        peer = _peer_factory(name, peers)
+        if peer and cls.compile_refusal is None: factories[f'peer:{name}'] = peer[1]
+    secs, opts = time_optimizers(factories, rounds, steps, shapes, progress, keep=True)
+    fused = secs['torch Adam (fused)']
     rows = []
-    for name, t in secs.items():
-        if name.startswith('peer:'): continue
-        peer = peers.get(name)
-        rows.append(dict(optimizer=name, ms_per_step=1e3 * t, vs_fused_adam=t / fused, vs_foreach_adam=t / foreach,
-                         peer=peer[0] if peer else '', vs_peer=t / secs[f'peer:{name}'] if peer else math.nan,
-                         adam_bytes_GBps=28 * n / t / 1e9))
+    for name in names:
+        if name not in secs: continue
+        cls, peer = load_optimizer(name), _peer_factory(name, peers)
+        compiled = secs.get(f'{name} (compile)', math.nan)
+        rows.append(dict(optimizer=name, eager_ms=1e3 * secs[name], eager_vs_fused=secs[name] / fused,
+                         compile_vs_fused=compiled / fused,
+                         peer=peer[0] if f'peer:{name}' in secs else '',
+                         eager_vs_peer=secs[name] / secs[f'peer:{name}'] if f'peer:{name}' in secs else math.nan,
+                         state_B_per_param=state_bytes_per_param(opts[name]),
+                         buffers_B_per_param=4.0 * len(cls.state_buffers) if cls.state_buffers else math.nan))
+    rows.append(dict(optimizer='torch Adam (foreach)', eager_ms=1e3 * secs['torch Adam (foreach)'],
+                     eager_vs_fused=secs['torch Adam (foreach)'] / fused, compile_vs_fused=math.nan,
+                     state_B_per_param=state_bytes_per_param(opts['torch Adam (foreach)']), buffers_B_per_param=8.0))
     return rows
 
 # %% ../nbs/90_benchmark.ipynb #93b84fa6
@@ -183,14 +214,14 @@ def plot_results(board, conv_rows, time_rows, out: Path) -> list[Path]:
 
 # %% ../nbs/90_benchmark.ipynb #d8176cf7
 def run_lab(out='lab_results', names=None, problems=None, lr_factors=LR_FACTORS, steps=None, rounds: int = 5,
-            compile_names=('Adam',), quiet: bool = False) -> Path:
+            compile_names=None, quiet: bool = False) -> Path:
     "The main job: convergence leaderboard and step-time table for `names` (default: every optimizer)"
     from tqdm.auto import tqdm
     from optim_lab.problems import problem_suite
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     names = list(names or list_optimizers())
     problems = problems if problems is not None else problem_suite()
-    n_time = (len(names) + 2 + len(compile_names) + sum(n in peer_factories() for n in names)) * rounds
+    n_time = (2 + 3 * len(names)) * rounds  # at most: eager, compiled and a peer per optimizer
     with tqdm(total=len(names) * len(problems) * len(lr_factors) + n_time, disable=quiet, desc='optim_lab') as bar:
         conv_rows = convergence(names, problems, lr_factors, steps, progress=bar)
         time_rows = step_time_table(names, rounds=rounds, compile_names=compile_names, progress=bar)
@@ -211,6 +242,10 @@ def run_lab(out='lab_results', names=None, problems=None, lr_factors=LR_FACTORS,
         'counts the sweep\'s failed runs.',
         markdown_table(board),
         f'## Step time on {workload / 1e6:.1f}M fp32 parameters (median of {rounds} rounds, round robin)',
+        'Ratios to torch.optim.Adam(fused=True), the memory-bound floor; `compile` is `compile=True` (each group\'s '
+        'whole step one compiled graph); `eager_vs_peer` against the same algorithm in torch.optim or pytorch-optimizer '
+        '(its defaults at lr 1e-3). `state_B_per_param`: bytes of state tensors per parameter; `buffers_B_per_param`: '
+        'the full-size buffers the math declares (`state_buffers`), 4 B each.',
         markdown_table(time_rows),
         '\n'.join(f'![{p.stem}]({p.name})' for p in plots)]) + '\n')
     return out
@@ -225,7 +260,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     names = [load_optimizer(n).__name__ for n in args.only] if args.only else None
     if names and 'AdamW' not in names: names.append('AdamW')  # the baseline
-    kw = dict(lr_factors=(1 / 3, 1.0, 3.0), steps=50, rounds=2, compile_names=()) if args.quick else {}
+    kw = dict(lr_factors=(1 / 3, 1.0, 3.0), steps=50, rounds=2, compile_names=('Adam',)) if args.quick else {}
     out = run_lab(args.out, names=names, **kw)
     print(f'\nResults written to {out.resolve()}/: results.md, convergence.csv, leaderboard.csv, step_time.csv, *.png')
     return out

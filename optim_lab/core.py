@@ -137,6 +137,7 @@ class LabOptimizer(torch.optim.Optimizer):
     handles_weight_decay = False       # True when `update` applies `weight_decay` itself (LAMB, ...)
     supports_sparse = False
     needs_closure = False              # line searches, SAM: `step` without a closure raises
+    needs_create_graph = False         # AdaHessian: the gradient must keep its graph (`backward(create_graph=True)`)
     update_fn: Callable | None = None  # the pure math function, for readers and the reference checks
     state_buffers: tuple = ()          # names of the per-parameter state tensors that start at zero (m, v, ...)
     static_hypers: tuple = ()          # numeric hyperparameters that stay Python numbers under compile=True

@@ -28,6 +28,8 @@ TOY_STEPS = 150
 # Optimizers whose update couples parameters (a global norm, a line search over all parameters): the test
 # that a parameter's trajectory does not depend on the other parameters in the optimizer skips them.
 CROSS_PARAM: set[str] = set()
+# Hyperparameters for the lr=0 group of the two-group test, for rules that act at lr=0 by design (Nero's projection).
+LR0_GROUP_HYPERS: dict[str, dict] = {}
 
 # Each chapter family may add its own knobs in a `tests/knobs_<family>.py` defining any of TOY_LR, TOY_HYPERS and
 # CROSS_PARAM; they are merged here, so that chapters written in parallel never edit the same file.
@@ -38,6 +40,7 @@ for _path in sorted(Path(__file__).parent.glob('knobs_*.py')):
     TOY_LR.update(getattr(_knobs, 'TOY_LR', {}))
     TOY_HYPERS.update(getattr(_knobs, 'TOY_HYPERS', {}))
     CROSS_PARAM.update(getattr(_knobs, 'CROSS_PARAM', set()))
+    LR0_GROUP_HYPERS.update(getattr(_knobs, 'LR0_GROUP_HYPERS', {}))
 
 
 def opt_class(name: str) -> type: return load_optimizer(name)
@@ -80,6 +83,11 @@ class ToyMLP(nn.Module):
     def forward(self, x): return self.l2(torch.tanh(self.l1(x))) * self.scale
 
 
+def backward(opt, loss):
+    "`loss.backward()`, with the graph kept for optimizers that differentiate the gradient (AdaHessian)"
+    loss.backward(create_graph=getattr(type(opt), 'needs_create_graph', False))
+
+
 def toy_loss(model, x, y): return ((model(x) - y) ** 2).mean()
 
 
@@ -88,7 +96,7 @@ def closure_for(opt, model, x, y, sign: float = 1.0, record: list | None = None)
     def closure():
         opt.zero_grad()
         loss = sign * toy_loss(model, x, y)
-        loss.backward()
+        loss.backward(create_graph=getattr(type(opt), 'needs_create_graph', False))
         if record is not None: record.append(loss.detach().clone())
         return loss
     return closure

@@ -7,3 +7,4 @@ TOY_LR = {'Shampoo': 0.1, 'SGDP': 0.1, 'AdaHessian': 0.1}
 # AdaHessian's Hessian-vector product z -> Hz runs over all parameters at once, so a parameter's estimate depends on
 # the other parameters' Rademacher vectors (and on the shared random stream).
 CROSS_PARAM = {'AdaHessian'}
+LR0_GROUP_HYPERS = {'Nero': {'constraints': False}}  # Nero projects onto its constraint set at any lr, by design

@@ -43,8 +43,9 @@ def run(name, compile, steps=STEPS, load=None, first_step=0):
 
 
 def close(a, b, what):
+    "float32 tolerance: the compiled graph does its scalar arithmetic (bias corrections, ...) in the parameters'\n    float32, the eager step in Python's float64, and 20 steps of a rule like BAdam compound that to ~5e-5"
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m: f'{what}, tensor {i}: {m}')
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4, msg=lambda m: f'{what}, tensor {i}: {m}')
 
 
 @pytest.mark.parametrize('name', ALL)

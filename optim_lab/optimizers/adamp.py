@@ -15,27 +15,28 @@ from ..registry import register
 __all__ = ['abs_cosine', 'project_radial', 'adamp_update', 'sgdp_update', 'AdamP', 'SGDP']
 
 # %% ../../nbs/25_adamp.ipynb #89b06683
-def _rows(x: Tensor) -> Tensor:
-    "`x` as a matrix with one row per output channel (dimension 0)"
-    return x.reshape(x.shape[0], -1)
+def _channel_dims(x: Tensor) -> tuple[int, ...]:
+    "The dimensions of one output channel's weights: all but the first"
+    return tuple(range(1, x.dim()))
 
-def abs_cosine(x: Tensor, y: Tensor, eps) -> Tensor:
-    "|cos(x_i, y_i)| for each row i of the matrices `x`, `y`, each norm floored at `eps` (as `F.cosine_similarity`)"
-    dot = (x * y).sum(dim=1)
-    norms = maximum(torch.linalg.vector_norm(x, dim=1), eps) * maximum(torch.linalg.vector_norm(y, dim=1), eps)
+def abs_cosine(x: Tensor, y: Tensor, eps, dim: tuple[int, ...]) -> Tensor:
+    "|cos(x, y)| over the dimensions `dim` (kept, size 1), each norm floored at `eps` (as `F.cosine_similarity`)"
+    dot = (x * y).sum(dim=dim, keepdim=True)
+    norms = (maximum(torch.linalg.vector_norm(x, dim=dim, keepdim=True), eps)
+             * maximum(torch.linalg.vector_norm(y, dim=dim, keepdim=True), eps))
     return dot.abs() / norms
 
 # %% ../../nbs/25_adamp.ipynb #c0a9f957
 def project_radial(param: Tensor, grad: Tensor, update: Tensor, *, delta, eps) -> tuple[Tensor, Tensor]:
     "AdamP's Π: `update` without its component along `param` where `grad` looks orthogonal to it; (q_t, whether it fired)"
-    shape = (-1,) + (1,) * (param.dim() - 1)          # one value per output channel, broadcast over its weights
-    rows_p, rows_g = _rows(param), _rows(grad)
-    per_channel = abs_cosine(rows_g, rows_p, eps).max() < delta / math.sqrt(rows_p.shape[1])
-    per_tensor = abs_cosine(grad.reshape(1, -1), param.reshape(1, -1), eps)[0] < delta / math.sqrt(param.numel())
-    norm = torch.where(per_channel, torch.linalg.vector_norm(rows_p, dim=1).view(shape), torch.linalg.vector_norm(param))
+    channel, whole = _channel_dims(param), tuple(range(param.dim()))   # reduce per output channel / over everything
+    per_channel = (abs_cosine(grad, param, eps, channel) < delta / math.sqrt(math.prod(param.shape[1:]))).all()
+    per_tensor = (abs_cosine(grad, param, eps, whole) < delta / math.sqrt(param.numel())).all()
+    norm = torch.where(per_channel, torch.linalg.vector_norm(param, dim=channel, keepdim=True),
+                       torch.linalg.vector_norm(param))
     unit = param / (norm + eps)                                                        # θ̂
     along = unit * update
-    radial = torch.where(per_channel, _rows(along).sum(dim=1).view(shape), along.sum())  # <θ̂, u> per row
+    radial = torch.where(per_channel, along.sum(dim=channel, keepdim=True), along.sum())  # <θ̂, u> per channel
     fired = per_channel | per_tensor
     return update - torch.where(fired, unit * radial, 0.0), fired
 

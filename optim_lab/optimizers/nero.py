@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..distributed import full_tensor
 from ..core import LabOptimizer, Beta, NonNegative, Flag, LOW_PRECISION, add_, addcmul_
 from ..registry import register
 
@@ -14,14 +15,18 @@ from ..registry import register
 __all__ = ['neuron_norm', 'neuron_mean', 'constrained', 'nero_project_', 'nero_update', 'Nero']
 
 # %% ../../nbs/27_nero.ipynb #a701d6b2
+def _neuron_dims(x: Tensor) -> tuple[int, ...]:
+    "The dimensions of one neuron's weights: all but the first"
+    return tuple(range(1, x.dim()))
+
 def neuron_norm(x: Tensor) -> Tensor:
     "‖x_(r)‖ for each neuron (row) r, shaped to broadcast against `x`; |x| for tensors of 0 or 1 dims"
     if x.dim() <= 1: return x.abs()
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).view((-1,) + (1,) * (x.dim() - 1))
+    return torch.linalg.vector_norm(x, dim=_neuron_dims(x), keepdim=True)
 
 def neuron_mean(x: Tensor) -> Tensor:
     "mean(x_(r)) for each neuron (row) r of a tensor with at least 2 dims, shaped to broadcast against `x`"
-    return x.reshape(x.shape[0], -1).mean(dim=1).view((-1,) + (1,) * (x.dim() - 1))
+    return x.mean(dim=_neuron_dims(x), keepdim=True)
 
 def constrained(x: Tensor) -> bool:
     "Whether Nero's constraints apply to `x`: at least 2 dims, and neurons of more than one weight"
@@ -72,7 +77,7 @@ class Nero(LabOptimizer):
         if group['constraints'] and constrained(w):
             nero_project_(w, group['eps'])
             if w is not p: p.copy_(w)
-        scale = neuron_norm(w).mean()
+        scale = full_tensor(neuron_norm(w).mean())   # σ, a plain number on every rank (a DTensor's mean is global)
         state['scale'].copy_(torch.where(scale > 0, scale, 0.01))
 
     def update(self, p, grad, state, group):
