@@ -30,6 +30,9 @@ TOY_STEPS = 150
 CROSS_PARAM: set[str] = set()
 # Hyperparameters for the lr=0 group of the two-group test, for rules that act at lr=0 by design (Nero's projection).
 LR0_GROUP_HYPERS: dict[str, dict] = {}
+# Absolute tolerance of the compile contract (eager vs compile=True after 20 steps) for rules that amplify float32
+# rounding differences by design; the default is 1e-4.
+COMPILE_ATOL: dict[str, float] = {}
 
 # Each chapter family may add its own knobs in a `tests/knobs_<family>.py` defining any of TOY_LR, TOY_HYPERS and
 # CROSS_PARAM; they are merged here, so that chapters written in parallel never edit the same file.
@@ -41,6 +44,7 @@ for _path in sorted(Path(__file__).parent.glob('knobs_*.py')):
     TOY_HYPERS.update(getattr(_knobs, 'TOY_HYPERS', {}))
     CROSS_PARAM.update(getattr(_knobs, 'CROSS_PARAM', set()))
     LR0_GROUP_HYPERS.update(getattr(_knobs, 'LR0_GROUP_HYPERS', {}))
+    COMPILE_ATOL.update(getattr(_knobs, 'COMPILE_ATOL', {}))
 
 
 def opt_class(name: str) -> type: return load_optimizer(name)

@@ -9,7 +9,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from conftest import ALL, make_opt, opt_class
+from conftest import ALL, COMPILE_ATOL, make_opt, opt_class
 
 SHAPES = [(7, 5), (5,), (3, 2, 3, 3)]  # a weight, a bias, a conv kernel
 STEPS, SAVE_AT, WARM = 20, 10, 4
@@ -42,10 +42,10 @@ def run(name, compile, steps=STEPS, load=None, first_step=0):
     return [p.detach() for p in params], saved, graphs
 
 
-def close(a, b, what):
+def close(a, b, what, atol=1e-4):
     "float32 tolerance: the compiled graph does its scalar arithmetic (bias corrections, ...) in the parameters'\n    float32, the eager step in Python's float64, and 20 steps of a rule like BAdam compound that to ~5e-5"
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4, msg=lambda m: f'{what}, tensor {i}: {m}')
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=atol, msg=lambda m: f'{what}, tensor {i}: {m}')
 
 
 @pytest.mark.parametrize('name', ALL)
@@ -59,12 +59,12 @@ def test_compile_contract(name):
     counters.clear()
     eager, (eager_mid, eager_state), _ = run(name, compile=False)
     compiled, (compiled_mid, compiled_state), graphs = run(name, compile=True)
-    close(eager, compiled, f'{name}: eager vs compile=True after {STEPS} steps')
+    close(eager, compiled, f'{name}: eager vs compile=True after {STEPS} steps', COMPILE_ATOL.get(name, 1e-4))
     assert graphs[-1] == graphs[WARM - 1], (f'{name}: the compiled step recompiled after warm-up '
                                             f'(graphs per step: {graphs})')
     assert graphs[-1] <= 4, f'{name}: {graphs[-1]} graphs compiled for one group (bound: 4)'
     # A state_dict saved by one mode resumes in the other
     resumed, _, _ = run(name, compile=True, steps=STEPS - SAVE_AT, load=(eager_mid, eager_state), first_step=SAVE_AT)
-    close(eager, resumed, f'{name}: eager state_dict resumed with compile=True')
+    close(eager, resumed, f'{name}: eager state_dict resumed with compile=True', COMPILE_ATOL.get(name, 1e-4))
     resumed, _, _ = run(name, compile=False, steps=STEPS - SAVE_AT, load=(compiled_mid, compiled_state), first_step=SAVE_AT)
-    close(eager, resumed, f'{name}: compile=True state_dict resumed eagerly')
+    close(eager, resumed, f'{name}: compile=True state_dict resumed eagerly', COMPILE_ATOL.get(name, 1e-4))

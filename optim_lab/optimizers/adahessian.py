@@ -8,6 +8,7 @@ import math, numbers
 from dataclasses import dataclass
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from ..core import LabOptimizer, Beta, NonNegative, Range, LOW_PRECISION, addcmul_, check_hypers, _check_groups, _gradients
 from ..registry import register
@@ -78,6 +79,16 @@ class AdaHessian(LabOptimizer):
         self.update_period, self.num_samples, self._fresh = update_period, num_samples, {}
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
                                       hessian_power=hessian_power, maximize=maximize), **kwargs)
+
+    def add_param_group(self, param_group: dict):
+        "The base class's, refusing sharded (`DTensor`) parameters: see 'Distributed training' below"
+        super().add_param_group(param_group)
+        if any(isinstance(p, DTensor) for p in self.param_groups[-1]['params']):
+            self.param_groups.pop()
+            raise TypeError(f"{type(self).__name__} cannot train DTensor parameters (FSDP2/FSDP, tensor parallel): its "
+                            "Hessian-vector products backpropagate through the gradient (backward(create_graph=True)), "
+                            "but the gradient FSDP reduce-scatters (and DDP all-reduces) is not differentiable, so Hz "
+                            "would miss the other ranks' part of the Hessian. Train it in one process.")
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -10,28 +10,28 @@ from torch import Tensor
 from ..core import LabOptimizer, Beta, NonNegative, Flag
 from ..registry import register
 from .adam import adam_update
+from ..toolkit.transforms import centralize_gradient
+from ..distributed import local_shard_like
+from torch.distributed.tensor import DTensor
 
 # %% auto #0
-__all__ = ['gc_applies', 'centralize_gradient', 'adam_gcc_update', 'AdamGCC']
-
-# %% ../../nbs/14_adam_gcc.ipynb #67a378c5
-def gc_applies(grad: Tensor, conv_only: bool = True) -> bool:
-    "Whether gradient centralization applies to a tensor of this shape"
-    return grad.dim() > (3 if conv_only else 1)
-
-def centralize_gradient(grad: Tensor,
-                        conv_only: bool = True, # only tensors with dim > 3 (conv weights); else every dim > 1
-                       ) -> Tensor:
-    "`grad` minus its mean over all dimensions but 0 (a new tensor); `grad` itself if GC does not apply"
-    if not gc_applies(grad, conv_only): return grad
-    return grad - grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True)
+__all__ = ['adam_gcc_update', 'AdamGCC']
 
 # %% ../../nbs/14_adam_gcc.ipynb #e07eab40
 def adam_gcc_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, beta1: float, beta2: float,
                     eps: float, gc_conv_only: bool = True) -> Tensor:
     "Adam's direction for the centralized gradient; updates `exp_avg` and `exp_avg_sq` in place, not `grad`"
-    grad = centralize_gradient(grad, gc_conv_only)   # g~_t
+    if grad.dim() > (3 if gc_conv_only else 1):     # GC applies (a shape test: no branch on values)
+        if isinstance(grad, DTensor):               # FSDP2: the row mean of a weight with fewer rows than ranks comes
+            centred = grad - grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True)  # back Replicate, which an
+            if centred.placements != grad.placements:                                  # in-place sub_ refuses:
+                centred = local_shard_like(centred, grad)  # out of place, then back to the state's sharding (no communication)
+        else:
+            centred = grad.clone()                  # the caller's gradient stays as it is
+            centralize_gradient(centred, gc_conv_only)  # g~_t = g_t - (row means of g_t), the toolkit's transform
+        grad = centred
     return adam_update(grad, exp_avg, exp_avg_sq, step=step, beta1=beta1, beta2=beta2, eps=eps)
+
 
 # %% ../../nbs/14_adam_gcc.ipynb #1943faa0
 @register(paper='Gradient Centralization: A New Optimization Technique for Deep Neural Networks', year=2020,

@@ -105,23 +105,23 @@ def um_update(grad: Tensor, exp_avg: Tensor, *, step: int, beta: float) -> Tenso
 @register(paper="Unit momentum (the seed notebook author's own optimizer)", year=None, url='', chapter='15_lamb')
 class UM(LabOptimizer):
     "Unit momentum: per tensor, the bias-corrected momentum divided by its RMS, so every layer steps by lr (RMS)"
-    constraints = dict(beta=Beta)
-    fastai_hypers = {'beta': 'mom'}
+    constraints = dict(momentum=Beta)
+    fastai_hypers = {'momentum': 'mom'}
     update_fn = staticmethod(um_update)
     state_buffers = ('exp_avg',)                # m
 
     def __init__(self, params,
                  lr: float = 1e-3,              # step size η: the RMS of every layer's step
-                 beta: float = 0.9,             # β, decay rate of the momentum m
+                 momentum: float = 0.9,         # β, decay rate of the momentum m (named as torch schedulers expect)
                  weight_decay: float = 0.0,     # λ
                  decoupled_wd: bool = True,     # decay as θ ← (1 - ηλ)θ (default) instead of g ← g + λθ
                  maximize: bool = False,        # ascend instead of descend
                  **kwargs):                     # `LabOptimizer` options: `compile`, `skip_nonfinite`
-        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
                                       maximize=maximize), **kwargs)
 
     def update(self, p, grad, state, group):
-        return self.update_fn(grad, state['exp_avg'], step=state['step'], beta=group['beta'])
+        return self.update_fn(grad, state['exp_avg'], step=state['step'], beta=group['momentum'])
 
 # %% ../../nbs/15_lamb.ipynb #3a2d606d
 def prelamb_update(param: Tensor, grad: Tensor, exp_avg: Tensor, *, step: int, beta: float) -> Tensor:
@@ -136,20 +136,20 @@ def prelamb_update(param: Tensor, grad: Tensor, exp_avg: Tensor, *, step: int, b
 @register(paper="PreLAMB (the seed notebook author's own optimizer)", year=None, url='', chapter='15_lamb')
 class PreLAMB(LabOptimizer):
     "PreLAMB: momentum on gradients rescaled per tensor to the weight norm, g * ‖θ‖ / ‖g‖; no second moment"
-    constraints = dict(beta=Beta)
-    fastai_hypers = {'beta': 'mom'}
+    constraints = dict(momentum=Beta)
+    fastai_hypers = {'momentum': 'mom'}
     update_fn = staticmethod(prelamb_update)
     state_buffers = ('exp_avg',)                # m
 
     def __init__(self, params,
                  lr: float = 1e-3,              # step size η, relative: a layer moves by at most η‖θ‖ per step
-                 beta: float = 0.9,             # β, decay rate of the momentum m
+                 momentum: float = 0.9,         # β, decay rate of the momentum m (named as torch schedulers expect)
                  weight_decay: float = 0.0,     # λ
                  decoupled_wd: bool = True,     # decay as θ ← (1 - ηλ)θ (default) instead of g ← g + λθ
                  maximize: bool = False,        # ascend instead of descend
                  **kwargs):                     # `LabOptimizer` options: `compile`, `skip_nonfinite`
-        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
                                       maximize=maximize), **kwargs)
 
     def update(self, p, grad, state, group):
-        return self.update_fn(p, grad, state['exp_avg'], step=state['step'], beta=group['beta'])
+        return self.update_fn(p, grad, state['exp_avg'], step=state['step'], beta=group['momentum'])

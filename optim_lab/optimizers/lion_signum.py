@@ -10,6 +10,7 @@ from torch import Tensor
 from ..core import LabOptimizer, Beta, Flag
 from ..registry import register
 from ..functional import calculate_lion_update, calculate_signum_update
+from ..toolkit.cautious import cautious_
 
 # %% auto #0
 __all__ = ['Lion', 'Signum', 'SignSGD']
@@ -19,7 +20,7 @@ __all__ = ['Lion', 'Signum', 'SignSGD']
           url='https://arxiv.org/abs/2302.06675', chapter='31_lion_signum')
 class Lion(LabOptimizer):
     "Lion: the sign of an interpolation of momentum and gradient, with decoupled weight decay by default"
-    constraints = dict(betas=(Beta, Beta))
+    constraints = dict(betas=(Beta, Beta), cautious=Flag)
     fastai_hypers = {'betas__0': 'mom'}
     update_fn = staticmethod(calculate_lion_update)
     state_buffers = ('exp_avg',)                # m
@@ -29,14 +30,16 @@ class Lion(LabOptimizer):
                  betas: tuple = (0.9, 0.99),    # (β1, β2): β1 mixes m into this step's sign, β2 is m's decay rate
                  weight_decay: float = 0.0,     # λ (3-10x above AdamW's, so that ηλ stays comparable)
                  decoupled_wd: bool = True,     # decay as θ ← (1 - ηλ)θ (the paper's) instead of g ← g + λθ
+                 cautious: bool = False,        # mask the step where it disagrees in sign with the gradient (chapter 40)
                  maximize: bool = False,        # ascend instead of descend
                  **kwargs):                     # `LabOptimizer` options: `compile`, `skip_nonfinite`
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
-                                      maximize=maximize), **kwargs)
+                                      cautious=cautious, maximize=maximize), **kwargs)
 
     def update(self, p, grad, state, group):
         beta1, beta2 = group['betas']
-        return self.update_fn(grad, state['exp_avg'], beta1, beta2)
+        direction = self.update_fn(grad, state['exp_avg'], beta1, beta2)
+        return cautious_(direction, grad) if group['cautious'] else direction
 
 # %% ../../nbs/31_lion_signum.ipynb #73a013dd
 _SIGNSGD_PAPER = dict(paper='signSGD: Compressed Optimisation for Non-Convex Problems', year=2018,

@@ -4,6 +4,7 @@
 
 # %% ../../nbs/27_nero.ipynb #57ac507f
 from __future__ import annotations
+import math
 import torch
 from torch import Tensor
 
@@ -26,7 +27,7 @@ def neuron_norm(x: Tensor) -> Tensor:
 
 def neuron_mean(x: Tensor) -> Tensor:
     "mean(x_(r)) for each neuron (row) r of a tensor with at least 2 dims, shaped to broadcast against `x`"
-    return x.mean(dim=_neuron_dims(x), keepdim=True)
+    return x.sum(dim=_neuron_dims(x), keepdim=True) / math.prod(x.shape[1:])   # not .mean(): see above
 
 def constrained(x: Tensor) -> bool:
     "Whether Nero's constraints apply to `x`: at least 2 dims, and neurons of more than one weight"
