@@ -23,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 # %% ../nbs/06_distributed.ipynb #b962ca47
-def run_ranks(script, *args, nproc: int = 2, timeout: float = 120.0) -> str:
+def run_ranks(script, *args, nproc: int = 2, timeout: float = 300.0) -> str:
     "Run `python script *args` as `nproc` ranks on localhost (torchrun's environment: RANK, WORLD_SIZE, MASTER_PORT, ...); rank 0's stdout"
     env = dict(os.environ, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
                LOCAL_WORLD_SIZE=str(nproc), OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))

@@ -174,12 +174,14 @@ def run_fsdp(name, mesh, x, y, reduce, record: dict, out_dir):
 
 
 def state_problems(opt) -> list[str]:
-    "Every state tensor of a sharded parameter that is not a DTensor with the parameter's placement (0-dim scalars excepted)"
+    """Every parameter-shaped state tensor of a sharded parameter that is not a DTensor with the parameter's placement
+    (0-dim scalars excepted; statistics of another shape, such as Shampoo's factor matrices, are replicated on
+    every rank, and the checkpoint test holds them to an exact resume)"""
     from torch.distributed.tensor import DTensor
     problems = []
     for i, p in enumerate(p for g in opt.param_groups for p in g['params']):
         for key, v in opt.state.get(p, {}).items():
-            if not isinstance(v, torch.Tensor) or v.dim() == 0: continue
+            if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape != p.shape: continue
             if not isinstance(v, DTensor): problems.append(f'param {i} state {key!r}: a plain {type(v).__name__}')
             elif v.placements != p.placements or v.device_mesh != p.device_mesh:
                 problems.append(f'param {i} state {key!r}: placements {v.placements}, param {p.placements}')

@@ -11,8 +11,6 @@ from ..core import LabOptimizer, Beta, NonNegative, Flag
 from ..registry import register
 from .adam import adam_update
 from ..toolkit.transforms import centralize_gradient
-from ..distributed import local_shard_like
-from torch.distributed.tensor import DTensor
 
 # %% auto #0
 __all__ = ['adam_gcc_update', 'AdamGCC']
@@ -22,14 +20,8 @@ def adam_gcc_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: 
                     eps: float, gc_conv_only: bool = True) -> Tensor:
     "Adam's direction for the centralized gradient; updates `exp_avg` and `exp_avg_sq` in place, not `grad`"
     if grad.dim() > (3 if gc_conv_only else 1):     # GC applies (a shape test: no branch on values)
-        if isinstance(grad, DTensor):               # FSDP2: the row mean of a weight with fewer rows than ranks comes
-            centred = grad - grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True)  # back Replicate, which an
-            if centred.placements != grad.placements:                                  # in-place sub_ refuses:
-                centred = local_shard_like(centred, grad)  # out of place, then back to the state's sharding (no communication)
-        else:
-            centred = grad.clone()                  # the caller's gradient stays as it is
-            centralize_gradient(centred, gc_conv_only)  # g~_t = g_t - (row means of g_t), the toolkit's transform
-        grad = centred
+        grad = grad.clone()                         # the caller's gradient stays as it is
+        centralize_gradient(grad, gc_conv_only)     # g~_t = g_t - (row means of g_t), the toolkit's transform (FSDP2-safe)
     return adam_update(grad, exp_avg, exp_avg_sq, step=step, beta1=beta1, beta2=beta2, eps=eps)
 
 
@@ -41,6 +33,8 @@ class AdamGCC(LabOptimizer):
     constraints = dict(betas=(Beta, Beta), eps=NonNegative, gc_conv_only=Flag)
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(adam_gcc_update)
+    compile_refusal = ("torch 2.14's inductor crashes compiling the row-mean subtraction of a 4-D kernel inside the "
+                       "step (InductorError: KeyError 'bufN'); the eager step runs, at Adam's speed plus one pass")
     state_buffers = ('exp_avg', 'exp_avg_sq')   # m, v
 
     def __init__(self, params,

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch
 from torch import Tensor
+from ..distributed import local_shard_like
 
 # %% auto #0
 __all__ = ['unit_norm', 'agc', 'centralize_gradient', 'normalize_gradient', 'norm_loss_grad']
@@ -40,7 +41,8 @@ def centralize_gradient(grad: Tensor | list[Tensor],  # a gradient, or a list of
         for g in grad: centralize_gradient(g, gc_conv_only)
         return
     if grad.dim() > (3 if gc_conv_only else 1):
-        grad.sub_(grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True))
+        mean = grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True).expand(grad.shape)
+        grad.sub_(local_shard_like(mean, grad))  # FSDP2: a short weight's mean comes back replicated; keep our rows
 
 # %% ../../nbs/50_transforms.ipynb #2c5cbd24
 def normalize_gradient(x: Tensor,
