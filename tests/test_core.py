@@ -86,13 +86,17 @@ def test_weight_decay_order_matches_torch(decoupled, maximize):
         assert torch.equal(w.detach(), ref_w.detach())
 
 
-def test_hyperparameter_changed_after_construction_is_checked_at_step():
+def test_hyperparameter_changed_after_construction_is_checked():
+    "Refused as it is written (the group keeps its value); a group replaced by a plain dict is refused at step"
     w = torch.ones(2, requires_grad=True)
     opt = GD([w])
     w.grad = torch.ones(2)
     opt.step()
     before, state = w.detach().clone(), dict(opt.state[w])
-    opt.param_groups[0]['weight_decay'] = math.nan
+    with pytest.raises(ValueError, match=r'GD: weight_decay=nan is outside the allowed range \[0, ∞\)'):
+        opt.param_groups[0]['weight_decay'] = math.nan
+    assert opt.param_groups[0]['weight_decay'] == 0.0
+    opt.param_groups[0] = {**opt.param_groups[0], 'weight_decay': math.nan}
     calls = []
     with pytest.raises(ValueError, match=r'GD: weight_decay=nan is outside the allowed range \[0, ∞\)'):
         opt.step(lambda: calls.append(1))
