@@ -109,3 +109,17 @@ def test_debugger_detector_catches_the_seeds_breakpoint():
 def test_no_debugger_calls_in_library_code():
     found = {name: calls for name, src in _py_files(PKG).items() if (calls := _debugger_calls(src))}
     assert not found, f'debugger calls in library code: {found}'
+
+
+def test_no_debugger_calls_in_notebook_code():
+    "Every notebook's code cells too (a breakpoint in an unexported cell would hang nbdev_test); prose may name the seed's"
+    import json
+    found = {}
+    for nb_path in sorted((REPO / 'nbs').glob('*.ipynb')) + [REPO / 'index.ipynb']:
+        cells = json.loads(nb_path.read_text())['cells']
+        for i, cell in enumerate(cells):
+            if cell['cell_type'] != 'code': continue
+            lines = ''.join(cell['source']).splitlines()
+            source = '\n'.join('' if l.lstrip().startswith(('%', '!')) else l for l in lines)  # IPython magics
+            if (calls := _debugger_calls(source)): found[f'{nb_path.name} cell {i}'] = calls
+    assert not found, f'debugger calls in notebooks: {found}'
