@@ -12,40 +12,10 @@ import pytest
 import torch
 
 from optim_lab import load_optimizer
+from histories import run, assert_close_histories
 from optim_lab.toolkit.cautious import cautious, cautious_
 
 pytorch_optimizer = pytest.importorskip('pytorch_optimizer')
-
-STEPS = 100
-SHAPES = [(7,), (4, 5), (3, 2, 2)]
-RTOL, ATOL = 1e-5, 1e-5
-
-
-def run(factory, steps=STEPS, seed=0, noise=1.0, dtype=torch.float32, shapes=SHAPES):
-    "All iterates of one optimizer over parameters of `shapes`, fed g_t = theta_{t-1} + noise_t"
-    gen = torch.Generator().manual_seed(seed)
-    ps = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
-    noises = [[noise * torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(steps)]
-    opt = factory(ps)
-    history = [[p.detach().clone() for p in ps]]
-    for t in range(steps):
-        for p, xi in zip(ps, noises[t]): p.grad = (p.detach().double() + xi).to(dtype)
-        opt.step()
-        history.append([p.detach().clone() for p in ps])
-    return history
-
-
-def assert_close_histories(ours, theirs, what, rtol=RTOL, atol=ATOL):
-    moved = max((a.double() - b.double()).abs().max().item() for a, b in zip(ours[-1], ours[0]))
-    assert moved > 1e-2, f'{what}: parameters barely moved; the comparison would be vacuous'
-    worst = 0.0
-    for t, (a_t, b_t) in enumerate(zip(ours, theirs, strict=True)):
-        for i, (a, b) in enumerate(zip(a_t, b_t, strict=True)):
-            assert torch.isfinite(a).all() and torch.isfinite(b).all(), f'{what}: non-finite at step {t}'
-            if not torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol):
-                pytest.fail(f'{what}: step {t}, param {i}: max |diff| {(a.double() - b.double()).abs().max().item():.3e}')
-            worst = max(worst, (a.double() - b.double()).abs().max().item())
-    return worst
 
 
 def compare(name, ours: dict, peer_cls, theirs: dict):
@@ -208,7 +178,7 @@ def test_cautious_transform_compiles():
 
 
 def test_cautious_off_is_the_plain_rule():
-    for name, kw in (('Lion', {}), ('ADOPT', {}), ('MARS', {'lr_1d': 1e-2})):
+    for name, kw in (('Lion', {}), ('ADOPT', {}), ('MARS', {'lr_1d': 1e-2}), ('Adam', {}), ('AdamW', {})):
         cls = load_optimizer(name)
         a = run(lambda ps: cls(ps, lr=1e-2, **kw), steps=20)
         b = run(lambda ps: cls(ps, lr=1e-2, cautious=False, **kw), steps=20)
@@ -225,6 +195,8 @@ def test_cautious_off_is_the_plain_rule():
     ('MARS', dict(lr=1e-2, mars_type='lion', cautious=True, weight_decay=0.1, decoupled_wd=False)),
     ('MARS', dict(lr=1e-2, ams_bound=True, optimize_1d=True, cautious=True)),
     ('Lion', dict(lr=1e-2, cautious=True)),
+    ('Adam', dict(lr=1e-2, cautious=True, weight_decay=0.1, amsgrad=True)),
+    ('AdamW', dict(lr=1e-2, cautious=True)),
 ], ids=str)
 def test_compiled_matches_eager(name, hypers):
     cls = load_optimizer(name)
@@ -233,3 +205,47 @@ def test_compiled_matches_eager(name, hypers):
     compiled = run(lambda ps: cls(ps, compile=True, **hypers), steps=20, shapes=shapes)
     for a, b in zip(eager[-1], compiled[-1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# %% Cautious Adam and AdamW against the paper (Liang et al. 2024, C-AdamW), transcribed in float64
+
+def cautious_adam_reference(theta, grad_fn, steps, lr, betas, eps, weight_decay=0.0, decoupled_wd=False, cautious=True):
+    "Adam/AdamW on one tensor, u_t masked by 1[u_t g_t > 0] and rescaled by d / (kept + 1); decoupled decay unmasked"
+    beta1, beta2 = betas
+    m, v, iterates = torch.zeros_like(theta), torch.zeros_like(theta), [theta]
+    for t in range(1, steps + 1):
+        g = grad_fn(theta, t)
+        if decoupled_wd: theta = theta * (1 - lr * weight_decay)
+        else: g = g + weight_decay * theta
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g ** 2
+        u = (m / (1 - beta1 ** t)) / (torch.sqrt(v / (1 - beta2 ** t)) + eps)
+        if cautious:
+            keep = (u * g > 0).double()
+            u = u * keep * (keep.numel() / (keep.sum() + 1))
+        theta = theta - lr * u
+        iterates.append(theta)
+    return iterates
+
+
+@pytest.mark.parametrize('name,hypers', [
+    ('Adam', dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8)),
+    ('Adam', dict(lr=3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
+    ('AdamW', dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.5)),
+    ('AdamW', dict(lr=3e-2, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.1)),
+], ids=str)
+def test_cautious_adam_vs_float64_transcription(name, hypers):
+    gen = torch.Generator().manual_seed(3)
+    theta0 = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    noises = [torch.randn(6, 5, generator=gen, dtype=torch.float64) for _ in range(60)]
+    grad_fn = lambda theta, t: theta + noises[t - 1]
+    wd = dict(decoupled_wd=True) if name == 'AdamW' else {}
+    expected = cautious_adam_reference(theta0, grad_fn, 60, **hypers, **wd)
+    uncautious = cautious_adam_reference(theta0, grad_fn, 60, **hypers, **wd, cautious=False)
+    assert (expected[-1] - uncautious[-1]).abs().max() > 1e-3, 'the mask changed nothing: the test would be vacuous'
+    p = theta0.clone().requires_grad_()
+    opt = load_optimizer(name)([p], cautious=True, **hypers)
+    for t in range(1, 61):
+        p.grad = grad_fn(p.detach(), t)
+        opt.step()
+        torch.testing.assert_close(p.detach(), expected[t], rtol=1e-12, atol=1e-12, msg=f'{name} step {t}')

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..core import LabOptimizer, Beta, NonNegative, Flag, addcmul_, sqrt
 from ..registry import register
+from ..toolkit.cautious import cautious_
 
 # %% auto #0
 __all__ = ['adam_update', 'Adam', 'AdamW']
@@ -32,8 +33,8 @@ def adam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int,
 @register(paper='Adam: A Method for Stochastic Optimization', year=2015,
           url='https://arxiv.org/abs/1412.6980', chapter='11_adam')
 class Adam(LabOptimizer):
-    "Adam, with L2 (default) or decoupled weight decay and optional AMSGrad"
-    constraints = dict(betas=(Beta, Beta), eps=NonNegative, amsgrad=Flag)
+    "Adam, with L2 (default) or decoupled weight decay, optional AMSGrad and optional cautious stepping"
+    constraints = dict(betas=(Beta, Beta), eps=NonNegative, amsgrad=Flag, cautious=Flag)
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(adam_update)
     state_buffers = ('exp_avg', 'exp_avg_sq')   # m, v
@@ -45,10 +46,12 @@ class Adam(LabOptimizer):
                  weight_decay: float = 0.0,     # λ
                  decoupled_wd: bool = False,    # decay as θ ← (1 - ηλ)θ (AdamW) instead of g ← g + λθ
                  amsgrad: bool = False,         # use max_{s<=t} v_s in the denominator
+                 cautious: bool = False,        # mask the step where it disagrees in sign with the gradient (chapter 40)
                  maximize: bool = False,        # ascend instead of descend
                  **kwargs):                     # `LabOptimizer` options: `compile`, `skip_nonfinite`
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      decoupled_wd=decoupled_wd, amsgrad=amsgrad, maximize=maximize), **kwargs)
+                                      decoupled_wd=decoupled_wd, amsgrad=amsgrad, cautious=cautious,
+                                      maximize=maximize), **kwargs)
 
     def prepare_state(self, p, state, group):
         if group['amsgrad'] and 'max_exp_avg_sq' not in state:  # also when amsgrad is switched on later
@@ -56,9 +59,10 @@ class Adam(LabOptimizer):
 
     def update(self, p, grad, state, group):
         beta1, beta2 = group['betas']
-        return self.update_fn(grad, state['exp_avg'], state['exp_avg_sq'], step=state['step'], beta1=beta1,
-                              beta2=beta2, eps=group['eps'],
-                              max_exp_avg_sq=state.get('max_exp_avg_sq') if group['amsgrad'] else None)
+        direction = self.update_fn(grad, state['exp_avg'], state['exp_avg_sq'], step=state['step'], beta1=beta1,
+                                   beta2=beta2, eps=group['eps'],
+                                   max_exp_avg_sq=state.get('max_exp_avg_sq') if group['amsgrad'] else None)
+        return cautious_(direction, grad) if group['cautious'] else direction
 
 # %% ../../nbs/11_adam.ipynb #6cc5ac5c
 @register(paper='Decoupled Weight Decay Regularization', year=2019,
@@ -71,7 +75,8 @@ class AdamW(Adam):
                  eps: float = 1e-8,             # ε, added to sqrt(v_hat)
                  weight_decay: float = 1e-2,    # λ, applied as θ ← (1 - ηλ)θ
                  amsgrad: bool = False,         # use max_{s<=t} v_s in the denominator
+                 cautious: bool = False,        # mask the step where it disagrees in sign with the gradient (chapter 40)
                  maximize: bool = False,        # ascend instead of descend
                  **kwargs):                     # `LabOptimizer` options: `compile`, `skip_nonfinite`
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_wd=True,
-                         amsgrad=amsgrad, maximize=maximize, **kwargs)
+                         amsgrad=amsgrad, cautious=cautious, maximize=maximize, **kwargs)
