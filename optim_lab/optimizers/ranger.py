@@ -13,22 +13,15 @@ from ..core import (LabOptimizer, Range, Beta, NonNegative, FinitePositive, Flag
 from ..registry import register
 from ..toolkit.transforms import agc, centralize_gradient, normalize_gradient, norm_loss_grad
 from ..toolkit.schedules import linear_warmup, explore_exploit
+from ..toolkit.wrappers import lookahead_sync_
 from .radam import radam_rho, rectifier_or_zero, radam_update
 from .pnm import Beta0, pnm_update, _PositiveNegative
 from .sadam import softplus_denominator
 
 # %% auto #0
-__all__ = ['lookahead_sync_', 'ranger_update', 'Ranger', 'ranger21_gradient', 'ranger21_lr', 'ranger21_update', 'Ranger21']
+__all__ = ['ranger_update', 'Ranger', 'ranger21_gradient', 'ranger21_lr', 'ranger21_update', 'Ranger21']
 
 # %% ../../nbs/29_ranger.ipynb #1b771a2f
-def lookahead_sync_(fast: Tensor,   # the (fast) weights the inner rule moves; overwritten with the new slow weights
-                    slow: Tensor,   # the slow weights φ (fp32 for bf16/fp16 parameters), updated in place
-                    alpha: float,   # α: how far φ moves towards the fast weights
-                   ) -> None:
-    "Lookahead's synchronisation, in place: φ ← φ + α(θ − φ), then θ ← φ"
-    slow.lerp_(fast.to(slow.dtype), alpha)
-    fast.copy_(slow if fast.dtype == slow.dtype else stochastic_round(slow, fast.dtype))
-
 class _LookaheadSteps(LabOptimizer):
     "A `LabOptimizer` that keeps Lookahead's slow weights in its state and synchronises every k-th step of a parameter"
     def lookahead_hypers(self, group: dict) -> tuple:

@@ -11,11 +11,11 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from ..core import check_hypers, Range, OneOf, NonNegative, Flag
+from ..core import check_hypers, Range, OneOf, NonNegative, Flag, stochastic_round
 from .transforms import centralize_gradient
 
 # %% auto #0
-__all__ = ['OptimizerWrapper', 'Lookahead', 'SAM', 'pcgrad_project', 'PCGrad']
+__all__ = ['OptimizerWrapper', 'lookahead_sync_', 'Lookahead', 'SAM', 'pcgrad_project', 'PCGrad']
 
 # %% ../../nbs/51_wrappers.ipynb #2f9757db
 class OptimizerWrapper(torch.optim.Optimizer):
@@ -52,6 +52,15 @@ class OptimizerWrapper(torch.optim.Optimizer):
 
     def _params(self) -> list[Tensor]: return [p for g in self.param_groups for p in g['params']]
 
+# %% ../../nbs/51_wrappers.ipynb #1cfe8303
+def lookahead_sync_(fast: Tensor,   # the (fast) weights the inner rule moves; overwritten with the new slow weights
+                    slow: Tensor,   # the slow weights φ (fp32 for bf16/fp16 parameters), updated in place
+                    alpha: float,   # α: how far φ moves towards the fast weights
+                   ) -> None:
+    "Lookahead's synchronisation, in place: φ ← φ + α(θ − φ), then θ ← φ (stochastically rounded into a bf16/fp16 θ)"
+    slow.lerp_(fast.to(slow.dtype), alpha)
+    fast.copy_(slow if fast.dtype == slow.dtype else stochastic_round(slow, fast.dtype))
+
 # %% ../../nbs/51_wrappers.ipynb #68e79a03
 class Lookahead(OptimizerWrapper):
     "Lookahead: every `k` steps of `optimizer`, slow ← slow + α(fast − slow) and fast ← slow"
@@ -86,9 +95,7 @@ class Lookahead(OptimizerWrapper):
         "slow ← slow + α(fast − slow), fast ← slow, for every parameter of `group`; and the momentum per `pullback_momentum`"
         for p in group['params']:
             state = self.state[p]
-            slow = state['slow_params']
-            slow.lerp_(p.to(slow.dtype), self.alpha)
-            p.copy_(slow)
+            lookahead_sync_(p, state['slow_params'], self.alpha)
             buf = self._momentum(p) if self.pullback_momentum != 'none' else None
             if buf is None: continue
             if self.pullback_momentum == 'reset': buf.zero_()
