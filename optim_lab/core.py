@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['NonNegative', 'Positive', 'FinitePositive', 'Beta', 'Flag', 'TORCH_ONLY_KWARGS', 'LOW_PRECISION', 'Range', 'OneOf',
-           'check_hypers', 'stochastic_round', 'sqrt', 'exp', 'log', 'where', 'minimum', 'maximum', 'add_', 'addcmul_',
-           'add', 'LabOptimizer']
+__all__ = ['NonNegative', 'Positive', 'FinitePositive', 'Beta', 'Flag', 'PositiveInt', 'TORCH_ONLY_KWARGS', 'LOW_PRECISION',
+           'Range', 'OneOf', 'IntRange', 'RangeOrNone', 'check_hypers', 'stochastic_round', 'sqrt', 'exp', 'log',
+           'where', 'minimum', 'maximum', 'add_', 'addcmul_', 'add', 'LabOptimizer']
 
 # %% ../nbs/00_core.ipynb #f6ef015c
 def _fmt(x): return '∞' if x == math.inf else '-∞' if x == -math.inf else f'{x:g}'
@@ -48,6 +48,21 @@ Positive = Range(0, lo_open=True)        # quantities we divide by
 FinitePositive = Range(0, math.inf, lo_open=True, hi_open=True)  # ... and that must not be inf either
 Beta = Range(0, 1, hi_open=True)         # decay rates of moving averages
 Flag = OneOf((False, True))
+
+# %% ../nbs/00_core.ipynb #dc1384d4
+@dataclass(frozen=True)
+class IntRange(Range):
+    "An interval of integers (counts such as `update_period`); bools and non-integral numbers are refused"
+    def allows(self, x) -> bool: return isinstance(x, numbers.Integral) and not isinstance(x, bool) and super().allows(x)
+    def __str__(self): return 'integers in ' + super().__str__()
+
+@dataclass(frozen=True)
+class RangeOrNone(Range):
+    "A numeric hyperparameter in a range, or None (switched off)"
+    def allows(self, x) -> bool: return x is None or super().allows(x)
+    def __str__(self): return super().__str__() + ' or None'
+
+PositiveInt = IntRange(1)
 
 # %% ../nbs/00_core.ipynb #10fb13f6
 def check_hypers(owner: str, hypers: dict, constraints: dict):

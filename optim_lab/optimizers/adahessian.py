@@ -10,20 +10,12 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from ..core import LabOptimizer, Beta, NonNegative, Range, LOW_PRECISION, addcmul_, check_hypers, _check_groups, _gradients
+from ..core import (LabOptimizer, Beta, NonNegative, Range, IntRange, PositiveInt, LOW_PRECISION, addcmul_,
+                            check_hypers, _check_groups, _gradients)
 from ..registry import register
 
 # %% auto #0
-__all__ = ['PositiveInt', 'IntRange', 'hutchinson_diagonal', 'adahessian_update', 'AdaHessian']
-
-# %% ../../nbs/26_adahessian.ipynb #fed9cc1a
-@dataclass(frozen=True)
-class IntRange(Range):
-    "An interval of integers (counts such as `update_period`); bools and non-integral numbers are refused"
-    def allows(self, x) -> bool: return isinstance(x, numbers.Integral) and not isinstance(x, bool) and super().allows(x)
-    def __str__(self): return 'integers in ' + super().__str__()
-
-PositiveInt = IntRange(1)
+__all__ = ['hutchinson_diagonal', 'adahessian_update', 'AdaHessian']
 
 # %% ../../nbs/26_adahessian.ipynb #ea57dca5
 def hutchinson_diagonal(params: list[Tensor], grads: list[Tensor], num_samples: int = 1) -> list[Tensor]:

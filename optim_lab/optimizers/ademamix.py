@@ -8,20 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core import LabOptimizer, Range, Beta, NonNegative
+from ..core import LabOptimizer, Range, RangeOrNone, Beta, NonNegative
 from ..registry import register
 from ..functional import calculate_ademamix_update, calculate_sim_ademamix_update
 
 # %% auto #0
-__all__ = ['WarmupSteps', 'RangeOrNone', 'AdEMAMix', 'SimplifiedAdEMAMix']
+__all__ = ['WarmupSteps', 'AdEMAMix', 'SimplifiedAdEMAMix']
 
 # %% ../../nbs/33_ademamix.ipynb #54ab4e14
-@dataclass(frozen=True)
-class RangeOrNone(Range):
-    "A numeric hyperparameter in a range, or None (switched off)"
-    def allows(self, x) -> bool: return x is None or super().allows(x)
-    def __str__(self): return super().__str__() + ' or None'
-
 WarmupSteps = RangeOrNone(0, lo_open=True)   # a warm-up length: None (no warm-up) or a number of steps > 0
 
 # %% ../../nbs/33_ademamix.ipynb #8d0007b3

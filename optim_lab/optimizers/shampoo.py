@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..core import LabOptimizer, Beta, Positive, LOW_PRECISION, where
 from ..registry import register
-from .adahessian import PositiveInt
+from ..core import PositiveInt
 try: from optim_lab.distributed import full_tensor, local_shard_like
 except ImportError:  # optim_lab.distributed not built yet: plain tensors only
     def full_tensor(x: Tensor) -> Tensor: return x
