@@ -8,6 +8,7 @@ from .toolkit.wrappers import OptimizerWrapper, Lookahead, SAM, PCGrad, pcgrad_p
 from .toolkit.schedules import (linear_warmup, explore_exploit, get_chebyshev_steps, get_chebyshev_permutation,
                                 get_chebyshev_perm_steps, get_chebyshev_lr_lambda, get_chebyshev_schedule, fastai_schedule)
 from . import functional
+from . import modular
 
 
 def __getattr__(name: str):

@@ -1,0 +1,242 @@
+"""The line-search, quasi-Newton, Newton and zeroth-order modules of `optim_lab.modular.m` (nbs/62_second_order.ipynb):
+convergence against torchzero 0.4's step counts, exact solutions on a quadratic, zeroth-order modules that never ask for a
+gradient, Polyak's formula, exact `state_dict` resume, and agreement with torchzero built from the same (name, kwargs) list."""
+import copy
+
+import pytest
+import torch
+import torchzero as tz
+
+from optim_lab.modular import Modular, m
+from optim_lab.problems import rosenbrock
+
+DT = torch.float64
+
+
+def build(lib, params, spec):
+    "The chain `spec` = [(module name, kwargs[, kwargs for optim_lab only]), ...] in optim_lab ('ours') or torchzero ('tz')"
+    ns = m if lib == 'ours' else tz.m
+    modules = [getattr(ns, name)(**kwargs, **(ours[0] if ours and lib == 'ours' else {})) for name, kwargs, *ours in spec]
+    return Modular(params, *modules) if lib == 'ours' else tz.Optimizer(params, *modules)
+
+
+def make_closure(opt, loss_fn, calls=None):
+    "torchzero's closure convention; `calls` records the `backward` flag of every call"
+    def closure(backward=True):
+        if calls is not None: calls.append(backward)
+        loss = loss_fn()
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+    return closure
+
+
+# ---------------------------------------------------------------- problems
+def rosen(p): return rosenbrock(p[0], p[1])
+
+def rosen_start(): return [torch.tensor([-1.5, 2.0], dtype=DT, requires_grad=True)]
+
+_g = torch.Generator().manual_seed(0)
+_Q = torch.randn(6, 6, generator=_g, dtype=DT)
+A = _Q @ _Q.T + 0.5 * torch.eye(6, dtype=DT)               # strictly convex: eigenvalues >= 0.5
+B = torch.randn(6, generator=_g, dtype=DT)
+X_STAR = torch.linalg.solve(A, B)                          # float64 reference minimiser
+
+def quad(ps):
+    "½xᵀAx − bᵀx with x spread over a 2×2 matrix and a 2-vector"
+    x = torch.cat([p.reshape(-1) for p in ps])
+    return 0.5 * x @ A @ x - B @ x
+
+def quad_start():
+    return [torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=DT, requires_grad=True),
+            torch.tensor([1.0, -1.0], dtype=DT, requires_grad=True)]
+
+def vec(ps): return torch.cat([p.detach().reshape(-1) for p in ps])
+
+
+def steps_to(lib, spec, loss_fn, params, tol, max_steps):
+    "Steps until loss_fn(params) < tol (None if not within max_steps)"
+    opt = build(lib, params, spec)
+    closure = make_closure(opt, lambda: loss_fn(params))
+    for k in range(1, max_steps + 1):
+        opt.step(closure)
+        with torch.no_grad():
+            if loss_fn(params) < tol: return k
+    return None
+
+
+# ---------------------------------------------------------------- Rosenbrock against torchzero's step counts
+ROSENBROCK_CHAINS = {
+    'LBFGS+StrongWolfe': [('LBFGS', {}), ('StrongWolfe', {})],
+    'BFGS+StrongWolfe': [('BFGS', {}), ('StrongWolfe', {})],
+    'NewtonCG+StrongWolfe': [('NewtonCG', {}), ('StrongWolfe', {})],
+}
+
+@pytest.mark.parametrize('name', list(ROSENBROCK_CHAINS))
+def test_rosenbrock_within_twice_torchzero(name):
+    spec = ROSENBROCK_CHAINS[name]
+    ours = steps_to('ours', spec, lambda ps: rosen(ps[0]), rosen_start(), 1e-8, 100)
+    theirs = steps_to('tz', spec, lambda ps: rosen(ps[0]), rosen_start(), 1e-8, 100)
+    print(f"{name}: optim_lab {ours} steps, torchzero {theirs} steps")
+    assert ours is not None, f"{name} did not reach f < 1e-8 within 100 steps"
+    assert theirs is not None
+    assert ours <= 2 * theirs, (ours, theirs)
+
+
+# ---------------------------------------------------------------- the quadratic over two tensors
+@pytest.mark.parametrize('module, tol', [('Newton', 1e-10), ('NewtonCG', 1e-6)])
+def test_newton_solves_quadratic_in_one_step(module, tol):
+    ps = quad_start()
+    opt = build('ours', ps, [(module, {})])
+    opt.step(make_closure(opt, lambda: quad(ps)))
+    assert torch.allclose(vec(ps), X_STAR, atol=tol, rtol=0), (vec(ps) - X_STAR).abs().max()
+
+
+@pytest.mark.parametrize('spec', [[('BFGS', {}), ('Backtracking', {})], [('SR1', {}), ('Backtracking', {})],
+                                  [('LBFGS', {}), ('StrongWolfe', {})]], ids=lambda s: '+'.join(n for n, _ in s))
+def test_quasi_newton_solves_quadratic_within_40_steps(spec):
+    ps = quad_start()
+    opt = build('ours', ps, spec)
+    closure = make_closure(opt, lambda: quad(ps))
+    for k in range(40):
+        opt.step(closure)
+        if (vec(ps) - X_STAR).abs().max() < 1e-8: break
+    assert (vec(ps) - X_STAR).abs().max() < 1e-8, (k, vec(ps) - X_STAR)
+
+
+def test_newton_step_is_inverse_hessian_times_gradient():
+    p = rosen_start()[0]
+    H = torch.autograd.functional.hessian(rosen, p.detach())
+    g = torch.autograd.grad(rosen(p), p)[0]
+    expected = p.detach() - torch.linalg.solve(H, g)
+    opt = build('ours', [p], [('Newton', {})])
+    opt.step(make_closure(opt, lambda: rosen(p)))
+    assert torch.allclose(p.detach(), expected, atol=1e-12, rtol=0)
+
+
+def test_bfgs_inverse_satisfies_secant_equation():
+    ps = quad_start()
+    opt = build('ours', ps, [('BFGS', {}), ('Backtracking', {})])
+    closure = make_closure(opt, lambda: quad(ps))
+    x_prev = g_prev = None
+    for _ in range(3):
+        x = vec(ps)
+        g = A @ x - B                                     # the exact gradient where the step starts
+        if x_prev is not None: s, y = x - x_prev, g - g_prev
+        x_prev, g_prev = x, g
+        opt.step(closure)
+    H = opt.modules[0].global_state['M']                  # last updated with the pair (x3 − x2, g3 − g2)
+    assert torch.allclose(H @ y, s, atol=1e-10, rtol=1e-8)
+
+
+# ---------------------------------------------------------------- zeroth order
+@pytest.mark.parametrize('spec', [[('FDM', {}), ('LR', dict(lr=0.05))],
+                                  [('SPSA', dict(seed=0)), ('LR', dict(lr=0.02))],
+                                  [('FDM', {}), ('Backtracking', {})],
+                                  [('SPSA', dict(seed=0, n_samples=2)), ('Backtracking', dict(c=0))]],
+                         ids=lambda s: '+'.join(n for n, _ in s))
+def test_zeroth_order_only_evaluates_and_reduces_quadratic(spec):
+    ps = quad_start()
+    opt = build('ours', ps, spec)
+    calls = []
+    closure = make_closure(opt, lambda: quad(ps), calls)
+    with torch.no_grad(): start = float(quad(ps))
+    for _ in range(60): opt.step(closure)
+    with torch.no_grad(): end = float(quad(ps))
+    f_star = float(quad([X_STAR[:4].reshape(2, 2), X_STAR[4:]]))
+    assert calls and not any(calls), "a zeroth-order chain called closure(backward=True)"
+    assert end - f_star < 0.2 * (start - f_star), (start, end, f_star)
+
+
+def test_fdm_matches_central_differences():
+    ps = quad_start()
+    opt = Modular(ps, m.FDM(h=1e-4, target='update'))
+    from optim_lab.modular import Var
+    var = Var(ps, [opt.param_groups[0]] * 2, make_closure(opt, lambda: quad(ps)), opt)
+    est = torch.cat([u.reshape(-1) for u in opt.modules[0].step(var).update])
+    x0 = vec(ps)
+    def f(x): return float(quad([x[:4].reshape(2, 2), x[4:]]))
+    ref = torch.tensor([(f(x0 + 1e-4 * e) - f(x0 - 1e-4 * e)) / 2e-4 for e in torch.eye(6, dtype=DT)], dtype=DT)
+    assert torch.allclose(est, ref, atol=1e-9, rtol=0)
+    assert torch.equal(vec(ps), x0)                      # every perturbation undone exactly
+
+
+# ---------------------------------------------------------------- Polyak's step size
+def test_polyak_matches_formula():
+    ps = quad_start()
+    f_star = float(quad([X_STAR[:4].reshape(2, 2), X_STAR[4:]]))
+    opt = build('ours', ps, [('PolyakStepSize', dict(f_star=f_star, alpha=0.7))])
+    closure = make_closure(opt, lambda: quad(ps))
+    for _ in range(3):
+        x = vec(ps)
+        g = A @ x - B
+        fx = float(0.5 * x @ A @ x - B @ x)
+        expected = x - 0.7 * (fx - f_star) / (g @ g) * g
+        opt.step(closure)
+        assert torch.allclose(vec(ps), expected, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------- state_dict
+@pytest.mark.parametrize('spec', [[('LBFGS', {}), ('StrongWolfe', {})], [('BFGS', {}), ('Backtracking', {})],
+                                  [('SPSA', dict(seed=3)), ('Backtracking', dict(c=0))],
+                                  [('NewtonCG', dict(warm_start=True)), ('StrongWolfe', dict(a_init='quadratic'))]],
+                         ids=lambda s: '+'.join(n for n, _ in s))
+def test_state_dict_resume_is_bit_identical(spec):
+    ps = rosen_start()
+    opt = build('ours', ps, spec)
+    closure = make_closure(opt, lambda: rosen(ps[0]))
+    for _ in range(6): opt.step(closure)
+    saved = copy.deepcopy(opt.state_dict())
+    qs = [p.detach().clone().requires_grad_(True) for p in ps]
+    opt2 = build('ours', qs, spec)
+    opt2.load_state_dict(saved)
+    closure2 = make_closure(opt2, lambda: rosen(qs[0]))
+    for _ in range(6):
+        opt.step(closure); opt2.step(closure2)
+        assert torch.equal(ps[0], qs[0])
+
+
+# ---------------------------------------------------------------- agreement with torchzero where the semantics are plain
+# SR1's `safeguard` (ours only) is switched off to compare with torchzero, which has none
+PLAIN = [[('LBFGS', {}), ('Backtracking', {})], [('BFGS', {}), ('Backtracking', {})],
+         [('SR1', {}, dict(safeguard=False)), ('Backtracking', {})],
+         [('BFGS', dict(inverse=False)), ('Backtracking', {})], [('LBFGS', dict(history_size=3)), ('StrongWolfe', {})],
+         [('BFGS', dict(scale_first=True, init_scale=2.0)), ('Backtracking', {})],
+         [('BFGS', dict(concat_params=False, restart_interval=3)), ('Backtracking', {})],
+         [('SR1', dict(inverse=False), dict(safeguard=False)), ('Backtracking', {})],
+         [('LBFGS', dict(update_freq=2, scale_first=False)), ('Backtracking', dict(adaptive=False, beta=0.7))],
+         [('Newton', {}), ('Backtracking', {})], [('Newton', dict(damping=1.0)), ('LR', dict(lr=0.5))],
+         [('NewtonCG', dict(maxiter=1)), ('Backtracking', {})], [('Backtracking', {})],
+         [('PolyakStepSize', {})], [('PolyakStepSize', dict(f_star=None, max=1.0))],
+         [('FDM', {}), ('LR', dict(lr=1e-3))], [('FDM', dict(formula='forward')), ('Backtracking', {})]]
+
+@pytest.mark.parametrize('spec', PLAIN, ids=lambda s: '+'.join(f"{n}{kw or ''}" for n, kw, *_ in s))
+@pytest.mark.parametrize('problem', ['quadratic', 'rosenbrock'])
+def test_agrees_with_torchzero(spec, problem):
+    loss_fn, start = ((lambda ps: quad(ps)), quad_start) if problem == 'quadratic' else ((lambda ps: rosen(ps[0])), rosen_start)
+    paths = {}
+    for lib in ('ours', 'tz'):
+        ps = start()
+        opt = build(lib, ps, spec)
+        closure = make_closure(opt, lambda: loss_fn(ps))
+        path = []
+        for _ in range(10):
+            opt.step(closure)
+            path.append(vec(ps))
+        paths[lib] = torch.stack(path)
+    dev = float((paths['ours'] - paths['tz']).abs().max())
+    assert dev < 1e-6, dev
+
+
+# ---------------------------------------------------------------- errors
+def test_bad_hyperparameters_and_missing_closure():
+    with pytest.raises(ValueError, match='StrongWolfe.*c2'): m.StrongWolfe(c1=0.5, c2=0.1)
+    with pytest.raises(ValueError, match='Backtracking.*beta'): m.Backtracking(beta=1.5)
+    with pytest.raises(ValueError, match='LBFGS.*history_size'): m.LBFGS(history_size=0)
+    with pytest.raises(ValueError, match='FDM.*formula'): m.FDM(formula='sideways')
+    p = torch.zeros(2, requires_grad=True)
+    p.grad = torch.ones(2)
+    for module in (m.StrongWolfe(), m.Newton(), m.SPSA()):
+        with pytest.raises(ValueError, match='closure'): Modular([p], module).step()
+    assert torch.equal(p, torch.zeros(2))
