@@ -10,17 +10,27 @@ export OMP_NUM_THREADS ?= 1
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: test lab install sync-check nbtest pytest export clean docs readme
+.PHONY: test lab install system-packages sync-check nbtest pytest export clean docs readme
 
 install: $(STAMP)
 
-$(STAMP): requirements-dev.txt constraints.txt setup.py settings.ini
+$(STAMP): requirements-dev.txt constraints.txt setup.py settings.ini | system-packages
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -r requirements-dev.txt -c constraints.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+## Debian's chromium (the book's browser test) and npm (it fetches the book's MathJax), where apt-get works as root.
+## Elsewhere nothing is installed and nothing fails: the browser test then skips, saying why.
+system-packages:
+	@missing=""; command -v chromium >/dev/null || missing="chromium"; command -v npm >/dev/null || missing="$$missing npm"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "apt-get install$$missing"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+	    || echo "warning: apt-get could not install$$missing"; \
+	fi
 
 ## The whole test suite: notebooks and package in sync, every notebook run as a test, then pytest.
 test: $(STAMP) sync-check nbtest pytest
@@ -39,7 +49,7 @@ nbtest: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 2 --timing $(NBFLAGS)
 
 pytest: $(STAMP)
-	$(BIN)/pytest tests -q $(PYTEST_ARGS)
+	$(BIN)/pytest tests -q -rs $(PYTEST_ARGS)
 
 ## The main job: benchmark every registered optimizer; tables (md, csv) and plots (png) go to $(OUT)/.
 lab: $(STAMP)
@@ -52,7 +62,10 @@ export: $(STAMP)
 readme: $(STAMP)
 	$(PY) -m optim_lab.docs readme
 
+## The book: every notebook as it is committed (nothing is run), with its own MathJax (npm package, pinned in docs.py).
 docs: $(STAMP)
+	@command -v npm >/dev/null || { echo "make docs: npm is needed to fetch MathJax and is not installed;" \
+	  "as root on Debian, make install installs it (or: apt-get install -y npm)"; exit 1; }
 	$(PY) -m optim_lab.docs book --out _docs
 
 clean:

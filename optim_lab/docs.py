@@ -4,13 +4,15 @@
 
 # %% ../nbs/91_docs.ipynb #bc9f8afe
 from __future__ import annotations
-import argparse, copy, html, os, re
+import argparse, copy, html, json, os, re, shutil, subprocess, tarfile, tempfile
 from pathlib import Path
 
 import nbformat
 
 # %% auto #0
-__all__ = ['apply_directives', 'execute', 'to_markdown', 'render_readme', 'notebooks', 'render_book', 'main']
+__all__ = ['MATHJAX', 'MATHJAX_CONFIG', 'BOOK_CSS', 'BOOK_TEMPLATE', 'apply_directives', 'execute', 'to_markdown',
+           'render_readme', 'install_mathjax', 'notebooks', 'first_heading', 'link_pages', 'join_inline_math',
+           'render_book', 'main']
 
 # %% ../nbs/91_docs.ipynb #be3aa6a7
 def _directives(source: str) -> dict:
@@ -71,31 +73,145 @@ def render_readme(root: Path | str = '.', write: bool = False) -> str:
             (root / name).write_bytes(data)
     return text
 
+# %% ../nbs/91_docs.ipynb #c1a0b003
+MATHJAX = 'mathjax@3.2.2'  # the npm package that typesets the book's math in the browser, pinned
+
+def _mathjax_file(name: str) -> str | None:
+    "Where a file of the npm package goes in the book's `mathjax/` folder; None for the bundles the pages do not load"
+    if name == 'package/LICENSE': return 'LICENSE'
+    if not name.startswith('package/es5/'): return None
+    rel = name[len('package/es5/'):]
+    return rel if '/' in rel or rel == 'tex-chtml-full.js' else None  # components it loads on demand, and fonts
+
+def install_mathjax(out: Path | str) -> Path:
+    "MathJax's browser build in `out/mathjax` (kept when it is already the pinned version)"
+    dest = Path(out) / 'mathjax'
+    if (dest / 'VERSION').is_file() and (dest / 'VERSION').read_text() == MATHJAX: return dest
+    npm = shutil.which('npm')
+    if npm is None:
+        raise RuntimeError(f'The book ships its own MathJax ({MATHJAX}), fetched with npm, and npm is not installed: '
+                           '`apt-get install -y npm` (as root, `make install` does it where apt-get works)')
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([npm, 'pack', MATHJAX, '--prefer-offline', '--silent', '--pack-destination', tmp],
+                       check=True, stdout=subprocess.DEVNULL)
+        shutil.rmtree(dest, ignore_errors=True)
+        with tarfile.open(next(Path(tmp).glob('*.tgz'))) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and _mathjax_file(m.name)]
+            for m in members: m.name = _mathjax_file(m.name)
+            tar.extractall(dest, members, filter='data')
+    (dest / 'VERSION').write_text(MATHJAX)
+    return dest
+
+# %% ../nbs/91_docs.ipynb #c1a0b006
+MATHJAX_CONFIG = {'tex': {'inlineMath': [['$', '$'], ['\\(', '\\)']], 'displayMath': [['$$', '$$'], ['\\[', '\\]']],
+                          'processEscapes': True, 'processEnvironments': True, 'tags': 'ams',
+                          'packages': {'[-]': ['noundefined']}}}  # an unknown macro is an error, not red text
+
+BOOK_CSS = """
+body.jp-Notebook { display: flex; align-items: flex-start; margin: 0; padding: 0; overflow: visible; }
+nav.book-toc { position: sticky; top: 0; flex: 0 0 17rem; height: 100vh; overflow-y: auto; box-sizing: border-box;
+  padding: 1rem 0.8rem; border-right: 1px solid #ddd; background: #f7f7f7; font: 13px/1.45 system-ui, sans-serif; }
+nav.book-toc ol { list-style: none; padding: 0; margin: 0; }
+nav.book-toc a { color: #1a4d8f; text-decoration: none; } nav.book-toc a:hover { text-decoration: underline; }
+nav.book-toc a[aria-current] { font-weight: bold; color: #000; }
+nav.book-toc .nb { display: inline-block; width: 1.7rem; color: #888; font-size: 11px; }
+main { flex: 1 1 auto; min-width: 0; max-width: 64rem; padding: 1rem 2rem; }
+.book-pager { display: flex; justify-content: space-between; border-top: 1px solid #ddd; margin-top: 2rem;
+  padding: 1rem 0; font: 14px system-ui, sans-serif; }
+@media (max-width: 50rem) { body.jp-Notebook { display: block; } nav.book-toc { position: static; height: auto; } }
+"""
+
+BOOK_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block html_head_js_mathjax -%}
+<script>window.MathJax = {{ resources.book.mathjax_config }};</script>
+<script defer src="mathjax/tex-chtml-full.js"></script>
+{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block html_head_css -%}<style type="text/css">{{ resources.book.css }}</style>{%- endblock html_head_css -%}
+{%- block body_header -%}
+<body class="jp-Notebook" data-jp-theme-light="true" data-jp-theme-name="JupyterLab Light">
+{{ resources.book.toc }}
+<main>
+{%- endblock body_header -%}
+{%- block body_footer -%}
+{{ resources.book.pager }}
+</main>
+</body>
+{%- endblock body_footer -%}
+"""
+
 # %% ../nbs/91_docs.ipynb #3bebdaca
 def notebooks(root: Path | str = '.') -> list[Path]:
     "index.ipynb and the chapters, in order"
     root = Path(root)
     return [root / 'index.ipynb'] + sorted((root / 'nbs').glob('[0-9]*.ipynb'))
 
-def render_book(root: Path | str = '.', out: Path | str = '_docs', run: bool = False) -> Path:
-    "An HTML page per notebook (executed first with `run`) and an index page linking them"
+def first_heading(nb, default: str = '') -> str:
+    "The text of a notebook's first markdown heading"
+    for cell in nb.cells:
+        if cell.cell_type != 'markdown': continue
+        for line in cell.source.splitlines():
+            if m := re.match(r'^#{1,6}\s+(.+?)\s*#*\s*$', line): return m.group(1)
+    return default
+
+def link_pages(body: str, pages: set[str]) -> str:
+    "`body` with its links to notebooks of the book (`nbs/12_radam.ipynb#x`) turned into links to their pages"
+    def page(m): return f'href="{m[1]}.html{m[2] or ""}"' if m[1] in pages else m[0]
+    return re.sub(r'href="(?:\.{1,2}/)*(?:nbs/)?([\w-]+)\.ipynb(#[^"]*)?"', page, body)
+
+# %% ../nbs/91_docs.ipynb #c1a0b011
+_MATH_OR_CODE = re.compile(r'```.*?```|`[^`\n]*`|\$\$.*?\$\$|(?<!\\)\$(?:(?!\n\s*\n)[^$])+?(?<!\\)\$', re.S)
+
+def join_inline_math(markdown: str) -> str:
+    "`markdown` with each inline `$…$` formula on one line (code and `$$…$$` displays untouched)"
+    def join(m): return m[0] if m[0][0] == '`' or m[0].startswith('$$') else m[0].replace('\n', ' ')
+    return _MATH_OR_CODE.sub(join, markdown)
+
+# %% ../nbs/91_docs.ipynb #c1a0b009
+def _inline(title: str) -> str:
+    "A heading's text as HTML, its `code` spans kept"
+    return re.sub(r'`([^`]+)`', r'<code>\1</code>', html.escape(title))
+
+def _toc(entries: list[tuple[str, str]], current: str) -> str:
+    "The contents: a link to every page, the current one marked"
+    items = []
+    for stem, title in entries:
+        number = stem.split('_')[0] if stem[0].isdigit() else ''
+        mark = ' aria-current="page"' if stem == current else ''
+        items.append(f'<li><span class="nb">{number}</span><a href="{stem}.html"{mark}>{_inline(title)}</a></li>')
+    return '<nav class="book-toc"><ol>\n' + '\n'.join(items) + '\n</ol></nav>'
+
+def _pager(entries: list[tuple[str, str]], i: int) -> str:
+    "Links to the previous and the next page"
+    prev = f'<a href="{entries[i-1][0]}.html">← {_inline(entries[i-1][1])}</a>' if i > 0 else '<span></span>'
+    nxt = f'<a href="{entries[i+1][0]}.html">{_inline(entries[i+1][1])} →</a>' if i + 1 < len(entries) else ''
+    return f'<nav class="book-pager">{prev}{nxt}</nav>'
+
+def render_book(root: Path | str = '.', out: Path | str = '_docs', run: bool = False,
+                only: list[str] | None = None, mathjax: bool = True) -> Path:
+    "An HTML page per notebook (executed first with `run`; only the stems `only` when given), `index.html` first"
+    from jinja2 import DictLoader
     from nbconvert import HTMLExporter
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    exporter = HTMLExporter()
-    links = []
-    for path in notebooks(root):
-        nb = apply_directives(nbformat.read(path, as_version=4))
-        if run: execute(nb, path.parent)
+    if mathjax: install_mathjax(out)
+    paths = [p for p in notebooks(root) if only is None or p.stem in only]
+    nbs = [apply_directives(nbformat.read(p, as_version=4)) for p in paths]
+    for nb in nbs:
         for cell in nb.cells:
-            if cell.metadata.get('transient', {}).get('remove_source'): cell.source = ''
-        body, _ = exporter.from_notebook_node(nb)
-        page = path.stem + '.html'
-        (out / page).write_text(body)
-        title = next((c.source.splitlines()[0].lstrip('# ') for c in nb.cells if c.cell_type == 'markdown'), path.stem)
-        links.append(f'<li><a href="{page}">{html.escape(title)}</a> <small>({path.name})</small></li>')
-    (out / 'toc.html').write_text('<html><head><meta charset="utf-8"><title>optim_lab</title></head><body>'
-                                  '<h1>optim_lab</h1><ol>' + '\n'.join(links) + '</ol></body></html>')
+            if cell.cell_type == 'markdown': cell.source = join_inline_math(cell.source)
+    entries = [(p.stem, first_heading(nb, p.stem)) for p, nb in zip(paths, nbs)]
+    exporter = HTMLExporter(template_name='lab', template_file='book.html.j2',
+                            extra_loaders=[DictLoader({'book.html.j2': BOOK_TEMPLATE})],
+                            exclude_input_prompt=True, exclude_output_prompt=True)
+    for i, (path, nb) in enumerate(zip(paths, nbs)):
+        if run: execute(nb, path.parent)
+        book = dict(toc=_toc(entries, path.stem), pager=_pager(entries, i), css=BOOK_CSS,
+                    mathjax_config=json.dumps(MATHJAX_CONFIG))
+        title = entries[i][1].replace('`', '') + ' · optim_lab'
+        body, _ = exporter.from_notebook_node(nb, resources={'metadata': {'name': title}, 'book': book})
+        (out / f'{path.stem}.html').write_text(link_pages(body, {s for s, _ in entries}))
     return out
 
 # %% ../nbs/91_docs.ipynb #3f4a0207
@@ -107,7 +223,7 @@ def main(argv=None):
     parser.add_argument('--run', action='store_true', help='execute the notebooks before rendering the book')
     args = parser.parse_args(argv)
     if args.what == 'readme': render_readme('.', write=True); print('README.md written from index.ipynb')
-    else: print(f'book written to {render_book(".", args.out, run=args.run)}/toc.html')
+    else: print(f'book written to {render_book(".", args.out, run=args.run)}/index.html')
 
 # %% ../nbs/91_docs.ipynb #9cc6f2a9
 if __name__ == '__main__' and '__file__' in globals(): main()  # `python -m optim_lab.<module>`, not a notebook
