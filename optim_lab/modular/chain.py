@@ -157,13 +157,14 @@ def _split(var: Var):
 def _step(self: Modular, closure: Callable | None = None):
     "One step; `closure(backward=True)` evaluates the loss (with backward when asked). Returns its first loss"
     var = _start(self, closure)
+    counted = var.closure                          # kept: a module (FDM, SPSA) may replace var.closure
     if closure is None: self.num_evaluations += 1
     if var.params:
         if all(m.tensorwise for m in self.modules):   # one parameter at a time: one update alive at once, as a fused loop
             for one in _split(var): _run(self, one)
         else: _run(self, var)
     self.current_step += 1
-    return var.closure.first_loss if closure is not None else None
+    return counted.first_loss if closure is not None else None
 
 Modular._start, Modular.step = _start, _step
 
