@@ -3,7 +3,8 @@ __version__ = "0.1.0"
 from .core import LabOptimizer
 from .registry import register, load_optimizer, create_optimizer, list_optimizers, optimizer_table
 
-from .toolkit.transforms import unit_norm, agc, centralize_gradient, normalize_gradient, norm_loss_grad
+from .toolkit.transforms import (unit_norm, agc, centralize_gradient, centralize, normalize_gradient, norm_loss_grad,
+                                 rms_clip, norm_clip)
 from .toolkit.wrappers import OptimizerWrapper, Lookahead, SAM, PCGrad, pcgrad_project
 from .toolkit.schedules import (linear_warmup, explore_exploit, get_chebyshev_steps, get_chebyshev_permutation,
                                 get_chebyshev_perm_steps, get_chebyshev_lr_lambda, get_chebyshev_schedule, fastai_schedule)

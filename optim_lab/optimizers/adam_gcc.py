@@ -33,8 +33,6 @@ class AdamGCC(LabOptimizer):
     constraints = dict(betas=(Beta, Beta), eps=NonNegative, gc_conv_only=Flag)
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(adam_gcc_update)
-    compile_refusal = ("torch 2.14's inductor crashes compiling the row-mean subtraction of a 4-D kernel inside the "
-                       "step (InductorError: KeyError 'bufN'); the eager step runs, at Adam's speed plus one pass")
     state_buffers = ('exp_avg', 'exp_avg_sq')   # m, v
 
     def __init__(self, params,

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..core import LabOptimizer, Beta, NonNegative, Positive, addcmul_
 from ..registry import register
+from ..toolkit.transforms import rms_clip
 
 # %% auto #0
 __all__ = ['fadam_update', 'FAdam']
@@ -22,11 +23,9 @@ def fadam_update(p: Tensor, grad: Tensor, momentum: Tensor, fim: Tensor, *, step
     rms_grad = grad.square().mean().sqrt()                                # RMS(g): over the whole tensor
     eps_t = torch.where(rms_grad > 0, (eps_2 * rms_grad).clamp(max=eps), eps)  # ε′ = min(ε, ε₂·RMS(g))
     base = fim.pow(p_exp).add_(eps_t ** (2 * p_exp))                      # F_t^p + ε′^{2p}
-    nat_grad = grad / base                                                # ḡ = g / (F^p + ε′^{2p})
-    nat_grad.div_((nat_grad.square().mean().sqrt() / clip).clamp(min=1)) # ḡ / max(1, RMS(ḡ)/c)
+    nat_grad = rms_clip(grad / base, clip)                                # ḡ = g / (F^p + ε′^{2p}), RMS capped at c
     momentum.lerp_(nat_grad, 1 - beta1)                                   # m_t
-    decay = torch.div(p, base, out=base)                                  # ḡ_θ = θ / (F^p + ε′^{2p})
-    decay.div_((decay.square().mean().sqrt() / clip).clamp(min=1))        # ḡ_θ / max(1, RMS(ḡ_θ)/c)
+    decay = rms_clip(p / base, clip)                                      # ḡ_θ = θ / (F^p + ε′^{2p}), RMS capped at c
     return decay.mul_(weight_decay).add_(momentum)              # m_t + λ ḡ_θ
 
 # %% ../../nbs/41_fadam.ipynb #53c9fd0a

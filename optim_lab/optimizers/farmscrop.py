@@ -9,16 +9,11 @@ from torch import Tensor
 
 from ..core import LabOptimizer, Beta, NonNegative, Positive, add_, addcmul_, sqrt
 from ..registry import register
-from .fcompass import compass_amplify, _rms_clip
-from .fishmonger import centralize
+from .fcompass import compass_amplify, upstream_rms_clip
+from ..toolkit.transforms import centralize, rms_clip
 
 # %% auto #0
 __all__ = ['farmscrop_update', 'farmscrop_v2_update', 'FARMSCrop', 'FARMSCropV2']
-
-# %% ../../nbs/48_farmscrop.ipynb #faad36ea
-def _rms_cap(x: Tensor, clip) -> Tensor:
-    "x / max(1, RMS(x)/c), as upstream's `x / (max(c, RMS(x)) / c)` (the RMS of the whole tensor)"
-    return x / (x.pow(2).mean().sqrt().clamp_min(clip) / clip)
 
 # %% ../../nbs/48_farmscrop.ipynb #6bbafadb
 def farmscrop_update(p: Tensor, grad: Tensor, momentum: Tensor, previous_grad: Tensor, grad_diff_fim: Tensor,
@@ -30,13 +25,13 @@ def farmscrop_update(p: Tensor, grad: Tensor, momentum: Tensor, previous_grad: T
     previous_grad.copy_(grad)
     addcmul_(grad_diff_fim.mul_(beta1), diff, diff, value=1 - beta1)        # Q_t
     diff_scale = grad_diff_fim.sqrt().add_(eps)                             # R_t
-    approx = _rms_clip(grad / diff_scale, 1, 0)                             # a_t
+    approx = upstream_rms_clip(grad / diff_scale, 1, 0)                     # a_t
     addcmul_(fim.mul_(fim_beta), approx, approx, value=1 - fim_beta)        # F_t
     fisher = fim.sqrt().add_(eps)                                           # D_t
-    natural = _rms_clip(grad / fisher * diff_scale, 1, 0)                   # n_t ...
+    natural = upstream_rms_clip(grad / fisher * diff_scale, 1, 0)           # n_t ...
     if centralization != 0: natural = centralize(natural, centralization)   # ... centred
     add_(momentum.mul_(momentum_beta), natural, alpha=1 - momentum_beta)    # m_t
-    decay = _rms_clip(p / fisher * diff_scale, 1, 0)
+    decay = upstream_rms_clip(p / fisher * diff_scale, 1, 0)
     return compass_amplify(natural, momentum, momentum_amp).add_(decay * weight_decay)
 
 # %% ../../nbs/48_farmscrop.ipynb #c0689bc0
@@ -47,17 +42,17 @@ def farmscrop_v2_update(p: Tensor, grad: Tensor, momentum: Tensor, fim: Tensor, 
     clip_lambda = step ** 0.25                                              # the clamp t^(1/4)
     fim_beta = sqrt((beta2 ** step - beta2) / (beta2 ** step - 1))          # γ_t
     if grad_diff_fim is not None:                                           # ρ > 0
-        diff = _rms_cap((grad - previous_grad) * diff_mult, clip)           # d_t
+        diff = rms_clip((grad - previous_grad) * diff_mult, clip)           # d_t
         diff_scale = grad_diff_fim.sqrt().clamp_min(eps)                    # R_t, from Q_{t-1}
         addcmul_(grad_diff_fim.mul_(beta1), diff, diff, value=1 - beta1).clamp_(-clip_lambda, clip_lambda)  # Q_t
-        approx = _rms_cap(grad / diff_scale, clip)                          # a_t
-        natural = _rms_cap(approx / fim.sqrt().clamp_min(eps) / diff_scale, clip)  # n_t: R_t twice, as upstream
-        decay = _rms_cap(p / fim.sqrt().clamp_min(eps) / diff_scale, clip)
+        approx = rms_clip(grad / diff_scale, clip)                          # a_t
+        natural = rms_clip(approx / fim.sqrt().clamp_min(eps) / diff_scale, clip)  # n_t: R_t twice, as upstream
+        decay = rms_clip(p / fim.sqrt().clamp_min(eps) / diff_scale, clip)
         previous_grad.copy_(approx)                                         # upstream keeps a_t, not g_t
     else:                                                                   # R_t = 1
-        approx = _rms_cap(grad, clip)
-        natural = _rms_cap(approx / fim.sqrt().clamp_min(eps), clip)
-        decay = _rms_cap(p / fim.sqrt().clamp_min(eps), clip)
+        approx = rms_clip(grad, clip)
+        natural = rms_clip(approx / fim.sqrt().clamp_min(eps), clip)
+        decay = rms_clip(p / fim.sqrt().clamp_min(eps), clip)
     full_step = compass_amplify(natural, momentum, step ** momentum_lambda)  # n_t + t^λ m_{t-1}
     if centralization != 0: full_step = centralize(full_step, centralization)
     addcmul_(fim.mul_(fim_beta), approx, approx, value=1 - fim_beta).clamp_(-clip_lambda, clip_lambda)  # F_t

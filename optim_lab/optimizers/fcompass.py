@@ -9,10 +9,10 @@ from torch import Tensor
 
 from ..core import LabOptimizer, Beta, NonNegative, add, addcmul_, sqrt
 from ..registry import register
-from ..distributed import local_shard_like
+from ..toolkit.transforms import centralize
 
 # %% auto #0
-__all__ = ['compass_amplify', 'fcompass_update', 'FCompass']
+__all__ = ['compass_amplify', 'upstream_rms_clip', 'fcompass_update', 'FCompass']
 
 # %% ../../nbs/45_fcompass.ipynb #5bd77c72
 def compass_amplify(update: Tensor,   # the current step direction
@@ -23,8 +23,11 @@ def compass_amplify(update: Tensor,   # the current step direction
     return add(update, momentum, alpha=amp_fac)
 
 # %% ../../nbs/45_fcompass.ipynb #e869254b
-def _rms_clip(x: Tensor, clip, eps) -> Tensor:
-    "x · clip / max(1, RMS(x) + eps), as upstream FCompass (the RMS of the whole tensor)"
+def upstream_rms_clip(x: Tensor,  # the tensor to clip (not modified)
+                      clip,       # c: the scale of the result
+                      eps,        # ε added to the RMS
+                     ) -> Tensor:
+    "x · c / max(1, RMS(x) + ε), upstream FCompass's clip (whole-tensor RMS); not the toolkit's `rms_clip`, x / max(1, RMS(x)/c)"
     rms = x.pow(2).mean().sqrt() + eps
     return x * clip / rms.clamp_min(1)
 
@@ -32,18 +35,16 @@ def _rms_clip(x: Tensor, clip, eps) -> Tensor:
 def fcompass_update(p: Tensor, grad: Tensor, momentum: Tensor, fim: Tensor, max_ema_squared: Tensor, *, step,
                     beta1, beta2, amp_fac, eps, weight_decay, clip, centralization) -> Tensor:
     "FCompass's direction s_t / (sqrt(u_t)/b_t + eps); updates m (`momentum`), F (`fim`) and u in place; `grad` is not modified"
-    if centralization != 0 and grad.dim() > 1:                       # g - κ mean(g), a new tensor (out of place:
-        centred = grad - grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True) * centralization  # DTensors refuse
-        grad = local_shard_like(centred, grad)                       # ... in-place; keep the gradient's sharding
+    if centralization != 0: grad = centralize(grad, centralization)  # g̃_t = g - κ mean(g), a new tensor (chapter 50)
     beta_hat = (beta2 ** step - beta2) / (beta2 ** step - 1)         # β̂_t
     bias_correction = sqrt(1 - beta_hat ** step)                     # b_t
     addcmul_(fim.mul_(beta_hat), grad, grad, value=1 - beta_hat)     # F_t
     fisher = fim.sqrt().add_(eps)                                    # D_t
     natural = grad / fisher                                          # n_t before the clip
-    if clip != 0: natural = _rms_clip(natural, clip, eps)
+    if clip != 0: natural = upstream_rms_clip(natural, clip, eps)
     momentum.mul_(beta1).add_(natural * (1 - beta1))                 # m_t
     decay = p / fisher
-    if clip != 0: decay = _rms_clip(decay, clip, eps)
+    if clip != 0: decay = upstream_rms_clip(decay, clip, eps)
     full_step = compass_amplify(natural, momentum, amp_fac).add_(decay * weight_decay)  # s_t
     torch.maximum(max_ema_squared, addcmul_(max_ema_squared * beta2, full_step, full_step, value=1 - beta2),
                   out=max_ema_squared)                               # u_t

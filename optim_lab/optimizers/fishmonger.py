@@ -9,21 +9,11 @@ from torch import Tensor
 
 from ..core import LabOptimizer, Beta, NonNegative, add_, addcmul_
 from ..registry import register
-from ..distributed import local_shard_like
-from .fcompass import _rms_clip
+from ..toolkit.transforms import centralize
+from .fcompass import upstream_rms_clip
 
 # %% auto #0
-__all__ = ['centralize', 'fishmonger_update', 'FishMonger']
-
-# %% ../../nbs/47_fishmonger.ipynb #acb760a3
-def centralize(x: Tensor,       # a step or a gradient
-               centralization,  # κ: the fraction of each output unit's mean to subtract
-              ) -> Tensor:
-    "x − κ·mean over dims 1… (tensors above 1-D; others returned as they are), a new tensor laid out like `x`"
-    if x.dim() <= 1: return x
-    mean = x
-    for dim in range(x.dim() - 1, 0, -1): mean = mean.mean(dim=dim, keepdim=True)  # one dim at a time (see below)
-    return local_shard_like(x - mean * centralization, x)   # FSDP2: keep x's sharding
+__all__ = ['fishmonger_update', 'FishMonger']
 
 # %% ../../nbs/47_fishmonger.ipynb #fd997d5d
 def fishmonger_update(p: Tensor, grad: Tensor, momentum: Tensor, momentum_slow: Tensor, momentum_slow_squared: Tensor,
@@ -38,15 +28,15 @@ def fishmonger_update(p: Tensor, grad: Tensor, momentum: Tensor, momentum_slow: 
     fim_beta = (beta2 ** step - beta2) / (beta2 ** step - 1)          # β̂_t
     addcmul_(fim.mul_(fim_beta), momentum, momentum, value=1 - fim_beta)  # F_t
     fisher = fim.sqrt().add_(eps)                                     # D_t
-    natural = _rms_clip(momentum / fisher, clip, eps)                 # n_t
+    natural = upstream_rms_clip(momentum / fisher, clip, eps)         # n_t
     add_(momentum_slow.mul_(beta1), natural, alpha=1 - beta1)         # μ_t
     slow_beta = (beta3 ** step - beta3) / (beta3 ** step - 1)         # β̌_t
     addcmul_(momentum_slow_squared.mul_(slow_beta), momentum_slow, momentum_slow, value=1 - slow_beta)  # w_t
     precond = momentum_slow_squared.sqrt().add_(eps).mul_(fisher)     # D_t S_t
-    full_step = _rms_clip(grad / precond, clip, eps)                  # s_t: the gradient term ...
-    full_step.add_(_rms_clip(p / precond, clip, eps) * weight_decay)  # ... Fisher-weighted decay ...
+    full_step = upstream_rms_clip(grad / precond, clip, eps)          # s_t: the gradient term ...
+    full_step.add_(upstream_rms_clip(p / precond, clip, eps) * weight_decay)  # ... Fisher-weighted decay ...
     if ema_diff is not None:                                          # ... the difference term
-        full_step.sub_(_rms_clip(ema_diff / precond, clip, eps) * diff_amp)
+        full_step.sub_(upstream_rms_clip(ema_diff / precond, clip, eps) * diff_amp)
     if centralization != 0: full_step = centralize(full_step, centralization)  # s̃_t
     return full_step.div_(1 - beta1 ** step)
 

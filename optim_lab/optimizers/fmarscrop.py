@@ -11,31 +11,13 @@ from ..core import LabOptimizer, Range, Beta, NonNegative, Positive, Flag, add, 
 from ..registry import register
 from .ademamix import RangeOrNone
 from .fcompass import compass_amplify
-from .fishmonger import centralize
+from .mars import mars_correction
 from ..toolkit.cautious import cautious_
-from ..toolkit.transforms import agc
+from ..toolkit.transforms import agc, centralize, rms_clip, norm_clip
 
 # %% auto #0
-__all__ = ['rms_clip', 'norm_clip', 'mars_correction', 'adaptive_eps', 'grad_diff_base', 'fisher_ema_', 'fmarscrop_update',
-           'fmarscrop_v2_update', 'FMARSCrop', 'FMARSCropExMachina', 'FMARSCropV2']
-
-# %% ../../nbs/49_fmarscrop.ipynb #c88ffbcc
-def rms_clip(x: Tensor,  # the tensor to clip (not modified)
-             clip,       # c > 0: the largest root-mean-square allowed
-            ) -> Tensor:
-    "x / max(1, RMS(x)/c): `x` with its root-mean-square (over the whole tensor) capped at c; a new tensor"
-    return x / (x.square().mean().sqrt() / clip).clamp(min=1)
-
-def norm_clip(x: Tensor, clip) -> Tensor:
-    "x / max(1, ‖x‖/c): `x` with its Euclidean norm (over the whole tensor) capped at c; a new tensor"
-    return x / (torch.linalg.vector_norm(x) / clip).clamp(min=1)
-
-# %% ../../nbs/49_fmarscrop.ipynb #526c3815
-def mars_correction(grad: Tensor,       # g_t
-                    grad_diff: Tensor,  # g_t − g_{t−1}
-                    *, gamma, beta1) -> Tensor:
-    "MARS's variance-reduced gradient c_t = g_t + γ·β1/(1−β1)·(g_t − g_{t−1}), before any clipping; a new tensor"
-    return add(grad, grad_diff, alpha=gamma * beta1 / (1 - beta1))
+__all__ = ['adaptive_eps', 'grad_diff_base', 'fisher_ema_', 'fmarscrop_update', 'fmarscrop_v2_update', 'FMARSCrop',
+           'FMARSCropExMachina', 'FMARSCropV2']
 
 # %% ../../nbs/49_fmarscrop.ipynb #c66c64f7
 def adaptive_eps(grad: Tensor,   # g_t: its RMS scales ε

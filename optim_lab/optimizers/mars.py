@@ -10,9 +10,17 @@ from torch import Tensor
 from ..core import LabOptimizer, Beta, NonNegative, Flag, OneOf, add, add_, addcmul_, sqrt
 from ..registry import register
 from ..toolkit.cautious import cautious_
+from ..toolkit.transforms import norm_clip
 
 # %% auto #0
-__all__ = ['mars_update', 'MARS']
+__all__ = ['mars_correction', 'mars_update', 'MARS']
+
+# %% ../../nbs/43_mars.ipynb #92b4d3e1
+def mars_correction(grad: Tensor,       # g_t
+                    grad_diff: Tensor,  # g_t − g_{t−1}
+                    *, gamma, beta1) -> Tensor:
+    "MARS's variance-reduced gradient c_t = g_t + γ·β1/(1−β1)·(g_t − g_{t−1}), before any clipping; a new tensor"
+    return add(grad, grad_diff, alpha=gamma * beta1 / (1 - beta1))
 
 # %% ../../nbs/43_mars.ipynb #0dd22d11
 def mars_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, last_grad: Tensor, *, step, beta1, beta2, gamma,
@@ -20,8 +28,8 @@ def mars_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, last_grad: Te
                 cautious: bool = False) -> Tensor:
     "MARS's direction u_t; updates m, v (and max v), and stores g_t in `last_grad`. `variance_reduced=False`: AdamW"
     if variance_reduced:
-        c = add(grad, grad - last_grad, alpha=gamma * beta1 / (1 - beta1))  # c_t = g + γβ1/(1-β1)(g - g_prev)
-        c = c / torch.linalg.vector_norm(c).clamp(min=1)                    # c_t / max(1, ||c_t||)
+        c = mars_correction(grad, grad - last_grad, gamma=gamma, beta1=beta1)  # c_t = g + γβ1/(1-β1)(g - g_prev)
+        c = norm_clip(c, 1.0)                                               # c_t / max(1, ||c_t||)
     else: c = grad
     last_grad.copy_(grad)
     exp_avg.lerp_(c, 1 - beta1)                                             # m_t

@@ -66,8 +66,6 @@ def ranger_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, 
           year=2019, url='https://github.com/lessw2020/Ranger-Deep-Learning-Optimizer', chapter='29_ranger')
 class Ranger(_LookaheadSteps):
     "RAdam on the centralised gradient as Lookahead's fast optimizer: every k steps, slow ← slow + α(fast − slow), fast ← slow"
-    compile_refusal = ("with use_gc=True, torch 2.14's inductor crashes compiling the row-mean subtraction before the "
-                       "update (InductorError: KeyError 'bufN', as AdamGCC); the eager step runs")
     constraints = dict(betas=(Beta, Beta), alpha=Range(0, 1), k=Range(1), n_sma_threshold=Range(4),
                        degenerated_to_sgd=Flag, use_gc=Flag, gc_conv_only=Flag, eps=NonNegative)
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
