@@ -69,4 +69,4 @@ docs: $(STAMP)
 	$(PY) -m optim_lab.docs book --out _docs
 
 clean:
-	rm -rf $(OUT) _docs .pytest_cache
+	rm -rf _docs .pytest_cache   # lab_results/ is committed: the README quotes it
