@@ -94,7 +94,13 @@ def main():
                        valid_accuracy=acc, seconds=round(seconds, 2))
         print(f"{summary['opt']} under {args.mode} on {summary['world_size']} ranks: loss {losses[0]:.3f} -> "
               f"{summary['final_loss']:.3f}, valid accuracy {acc:.3f}, {seconds:.1f} s")
-        print(json.dumps(summary))
+        print(json.dumps(summary), flush=True)
+    shut_down()
+
+
+def shut_down():
+    "Leave together: no rank tears down its process group (rank 0's also hosts the store) while another still uses it"
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -4,17 +4,23 @@
 
 # %% ../nbs/00_core.ipynb #2eeccb27
 from __future__ import annotations
-import math, numbers, types
+import logging, math, numbers, types, warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
+from torch._dynamo.exc import BackendCompilerFailed
+
+# Two messages that say nothing about the code, silenced once here for every module and chapter: a CPU build of torch
+# logs that it found no CUDA runtime whenever inductor compiles, and fastai's import uses the deprecated `torch.jit.script`.
+logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
 
 # %% auto #0
 __all__ = ['NonNegative', 'Positive', 'FinitePositive', 'Beta', 'Flag', 'PositiveInt', 'TORCH_ONLY_KWARGS', 'LOW_PRECISION',
            'Range', 'OneOf', 'IntRange', 'RangeOrNone', 'check_hypers', 'stochastic_round', 'sqrt', 'exp', 'log',
-           'where', 'minimum', 'maximum', 'add_', 'addcmul_', 'add', 'LabOptimizer']
+           'where', 'minimum', 'maximum', 'add_', 'addcmul_', 'add', 'CompileFallbackWarning', 'LabOptimizer']
 
 # %% ../nbs/00_core.ipynb #f6ef015c
 def _fmt(x): return '∞' if x == math.inf else '-∞' if x == -math.inf else f'{x:g}'
@@ -145,6 +151,9 @@ class _Group(dict):
         return self[k]
     def __reduce__(self): return (dict, (dict(self),))  # pickles, deep-copies and saves as a plain dict
 
+class CompileFallbackWarning(RuntimeWarning):
+    "`compile=True` could not compile a group's step (a compiler error): that group steps eagerly"
+
 class LabOptimizer(torch.optim.Optimizer):
     "A `torch.optim.Optimizer` whose subclasses only declare hyperparameters and an update rule"
     constraints: dict = {}             # hyperparameter -> `Range`/`OneOf` (a tuple of them for tuples)
@@ -177,6 +186,7 @@ class LabOptimizer(torch.optim.Optimizer):
         self.compile = compile
         super().__init__(params, defaults)
         self._compiled = _compile_group_step(self) if compile else None
+        self._eager_fallback = set()   # group signatures (shapes, dtypes) the compiler failed on
 
     @classmethod
     def all_constraints(cls) -> dict: return {**cls.base_constraints, **cls.constraints}
@@ -245,7 +255,7 @@ def _lab_step(self: LabOptimizer, closure: Callable | None = None):
     else:
         for group in self.param_groups:
             params = [p for p in group['params'] if p.grad is not None]
-            if params: self._compiled(self, params, [self.state[p] for p in params], *_traced_hypers(self, group, params))
+            if params: _compiled_group_step(self, group, params)
     return loss
 
 LabOptimizer.step = _lab_step
@@ -307,6 +317,20 @@ def _compile_group_step(opt: LabOptimizer):
     fn = types.FunctionType(code, _group_step.__globals__, code.co_name)
     backend = opt.compile if isinstance(opt.compile, str) else 'inductor'
     return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
+
+def _compiled_group_step(opt: LabOptimizer, group: dict, params: list):
+    "One group's compiled step; where the compiler itself fails, the eager step for these shapes from then on, said once"
+    signature = tuple((tuple(p.shape), p.dtype) for p in params)
+    if signature not in opt._eager_fallback:
+        try: return opt._compiled(opt, params, [opt.state[p] for p in params], *_traced_hypers(opt, group, params))
+        except BackendCompilerFailed as e:  # raised while compiling, before the graph has changed anything
+            opt._eager_fallback.add(signature)
+            cause = getattr(e, 'inner_exception', None) or e
+            reason = f'{type(cause).__name__}: {str(cause)[:200]}'
+            warnings.warn(f"{type(opt).__name__}: torch {torch.__version__}'s compiler failed on a group of shapes "
+                          f"{[s for s, _ in signature]} ({reason}); that group takes eager steps from now on: the same "
+                          "update, slower", CompileFallbackWarning, stacklevel=4)
+    for p in params: opt._step_param(p, group, opt.state[p], group)
 
 # %% ../nbs/00_core.ipynb #3bd27387
 def _state_dict(self: LabOptimizer) -> dict:

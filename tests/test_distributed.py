@@ -142,6 +142,7 @@ def worker(out_dir: str):
         r['fsdp'] = attempt(lambda: run_fsdp(name, mesh, x, y, mean_over_ranks, r, out_dir))
         r['ddp'] = attempt(lambda: run_ddp(name, x, y, mean_over_ranks))
     torch.save(results, Path(out_dir) / f'rank{rank}.pt')
+    dist.barrier()                  # leave together: rank 0 hosts the store the others still talk to
     dist.destroy_process_group()
 
 

@@ -381,6 +381,7 @@ def _dist_worker(out_dir):
                             for p in params for k, v in opt.state[p].items() if k in moments)
         results[name] = dict(weights=[p.full_tensor() for p in params], sharded_state=sharded_state)
     torch.save(results, Path(out_dir) / f'rank{dist.get_rank()}.pt')
+    dist.barrier()                  # leave together: rank 0 hosts the store the others still talk to
     dist.destroy_process_group()
 
 
