@@ -21,9 +21,12 @@ def normalize_name(name: str) -> str:
     "The lookup key of an optimizer name: lower case, without `_`, `-` or spaces"
     return name.lower().replace('_', '').replace('-', '').replace(' ', '')
 
-def _same_class(old: type, new: type) -> bool:
-    "Whether `new` is `old` defined again: same name and module, or a notebook's copy (`__main__`) of a chapter's class"
-    return old.__qualname__ == new.__qualname__ and (old.__module__ == new.__module__ or '__main__' in (old.__module__, new.__module__))
+def _same_class(old: type, new: type, chapter: str) -> bool:
+    "Whether `new` is `old` defined again: same name and module, or the chapter's own notebook (`__main__`) re-running it"
+    if old.__qualname__ != new.__qualname__: return False
+    if old.__module__ == new.__module__: return True
+    own_chapter = bool(chapter) and old.info.get('chapter') == chapter  # register(..., chapter=) names the same notebook
+    return '__main__' in (old.__module__, new.__module__) and own_chapter
 
 def register(cls: type | None = None, *,
              paper: str = '',    # title of the paper (or the source) the algorithm comes from
@@ -36,10 +39,11 @@ def register(cls: type | None = None, *,
         if not issubclass(cls, LabOptimizer): raise TypeError(f"{cls.__name__} is not a LabOptimizer")
         keys = {normalize_name(cls.__name__), *map(normalize_name, aliases)}
         for key in keys:  # check every name before registering any
-            if key in _REGISTRY and not _same_class(_REGISTRY[key], cls):
+            if key in _REGISTRY and not _same_class(_REGISTRY[key], cls, chapter):
                 old = _REGISTRY[key]
                 raise ValueError(f"{cls.__name__} ({cls.__module__}): the name {key!r} is already taken by "
-                                 f"{old.__name__} ({old.__module__})")
+                                 f"{old.__name__} ({old.__module__}, chapter {old.info.get('chapter')!r}); give the "
+                                 f"class another name (only the chapter's own notebook may define it again)")
         cls.info = dict(name=cls.__name__, paper=paper, year=year, url=url, chapter=chapter)
         for key in keys: _REGISTRY[key] = cls
         return cls
@@ -79,21 +83,26 @@ def optimizer_table() -> list[dict]:
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
                *( (nn.RMSNorm,) if hasattr(nn, 'RMSNorm') else ()))
 
+def _name_ends_with(name: str, ban: str) -> bool:
+    "Whether the dotted parameter name `name` ends with `ban` at a `.` boundary: `fc.bias` ends with `bias`, `biasnet.weight` does not"
+    return name == ban or name.endswith('.' + ban)
+
 def no_decay_names(model: nn.Module, wd_ban_list=('bias',)) -> set[str]:
-    "Names of the parameters that should not be weight-decayed"
+    "Names of the parameters that should not be weight-decayed: below 2-D, in a normalisation layer, or named by `wd_ban_list`"
     names = set()
     for mod_name, mod in model.named_modules():
-        for p_name, _ in mod.named_parameters(recurse=False):
+        for p_name, p in mod.named_parameters(recurse=False):
             full = f'{mod_name}.{p_name}' if mod_name else p_name
-            if isinstance(mod, NORM_LAYERS) or any(ban in full for ban in wd_ban_list): names.add(full)
+            if (p.dim() < 2 or isinstance(mod, NORM_LAYERS)
+                or any(_name_ends_with(full, ban) for ban in wd_ban_list)): names.add(full)
     return names
 
 def create_optimizer(model: nn.Module, name: str | type,
                      lr: float = 1e-3,
                      weight_decay: float = 0.0,
-                     wd_ban_list=('bias',),  # substrings of parameter names that get no weight decay
+                     wd_ban_list=('bias',),  # name endings (at a `.`) that get no weight decay, besides every tensor below 2-D
                      **hypers) -> LabOptimizer:
-    "Build optimizer `name` for `model`, with biases and normalisation weights in a no-decay group"
+    "Build optimizer `name` for `model`, with biases, gains and normalisation weights in a no-decay group"
     cls = load_optimizer(name) if isinstance(name, str) else name
     banned = no_decay_names(model, wd_ban_list)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
