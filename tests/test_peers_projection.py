@@ -164,7 +164,7 @@ def test_shampoo_matches_peer(hypers):
     # where the peer's float32 SVD and our float64 eigh legitimately differ.
     peer_h = {('weight_decouple' if k == 'decoupled_wd' else k): v for k, v in hypers.items()}
     problems = [noisy_quadratic(shape, STEPS, seed=i, dtype=torch.float32) for i, shape in enumerate([(4, 5), (3, 2, 2), (5, 3)])]
-    ours = lambda ps: Shampoo(ps, matrix_eps=1e-3, **hypers)
+    ours = lambda ps: Shampoo(ps, matrix_eps=1e-3, graft_type='none', **hypers)  # the peer has no grafting
     peer = lambda ps: pytorch_optimizer.Shampoo(ps, matrix_eps=1e-3, fixed_decay=False, preconditioning_compute_steps=1, **peer_h)
     assert deviation(ours, peer, problems) < TOL
 
@@ -199,7 +199,7 @@ def test_shampoo_schedule_and_diagonal_against_float64(hypers):
     "K > 1 (the peer computes the roots on steps K, 2K, ... and steps with zero roots before) and diagonal dims: float64"
     for i, shape in enumerate([(7,), (4, 5), (3, 2, 5)]):
         theta0, grad_fn = noisy_quadratic(shape, STEPS, seed=i)
-        ours = run_optimizer(lambda ps: Shampoo(ps, lr=1e-2, momentum=hypers['momentum'], matrix_eps=0.1,
+        ours = run_optimizer(lambda ps: Shampoo(ps, lr=1e-2, momentum=hypers['momentum'], matrix_eps=0.1, graft_type='none',
                                                 preconditioning_compute_steps=hypers['K'], max_precond_dim=hypers['max_dim']),
                              theta0, grad_fn, STEPS)
         ref = _shampoo_reference(theta0.clone(), grad_fn, 1e-2, hypers['momentum'], hypers['K'], 0.1, hypers['max_dim'])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core import LabOptimizer, Beta, Positive, LOW_PRECISION, where
+from ..core import LabOptimizer, Beta, Positive, OneOf, LOW_PRECISION, where
 from ..registry import register
 from ..core import PositiveInt
 try: from optim_lab.distributed import full_tensor, local_shard_like
@@ -16,7 +16,7 @@ except ImportError:  # optim_lab.distributed not built yet: plain tensors only
     def local_shard_like(full: Tensor, like: Tensor) -> Tensor: return full
 
 # %% auto #0
-__all__ = ['matrix_inverse_root', 'shampoo_update', 'Shampoo']
+__all__ = ['matrix_inverse_root', 'graft_direction', 'shampoo_update', 'Shampoo']
 
 # %% ../../nbs/28_shampoo.ipynb #797ad055
 def matrix_inverse_root(matrix: Tensor, root: int, eps: float) -> Tensor:
@@ -26,22 +26,35 @@ def matrix_inverse_root(matrix: Tensor, root: int, eps: float) -> Tensor:
     return ((vectors * values) @ vectors.T).to(matrix.dtype)
 
 # %% ../../nbs/28_shampoo.ipynb #3552ba33
-def shampoo_update(grad: Tensor, momentum_buffer: Tensor, pre_conds: list[Tensor], inv_pre_conds: list[Tensor], *,
-                   step: int, momentum: float, matrix_eps: float, preconditioning_compute_steps: int) -> Tensor:
-    "Shampoo's direction U_t; updates the statistics `pre_conds` (H^i), the roots `inv_pre_conds` (P^i) when due, and `momentum_buffer`"
+def graft_direction(g: Tensor, graft_sum: Tensor | None, graft_type: str, diagonal_eps: float) -> Tensor:
+    "The diagonal method whose step norm Shampoo borrows: AdaGrad's g/(√Σg² + ε) (updating `graft_sum`), or SGD's g"
+    if graft_type == 'adagrad': return g / graft_sum.addcmul_(g, g).sqrt().add_(diagonal_eps)
+    return g                                                                   # 'sgd', and 'none' before the start step
+
+def shampoo_update(grad: Tensor, momentum_buffer: Tensor, pre_conds: list[Tensor], inv_pre_conds: list[Tensor],
+                   graft_sum: Tensor | None = None, *, step: int, momentum: float, matrix_eps: float,
+                   preconditioning_compute_steps: int, graft_type: str = 'none', start_preconditioning_step: int = 1,
+                   diagonal_eps: float = 1e-10) -> Tensor:
+    "Shampoo's direction U_t; updates the statistics `pre_conds` (H^i), the roots `inv_pre_conds` (P^i) when due, `graft_sum` and `momentum_buffer`"
     g = grad.lerp(momentum_buffer, where(step > 1, momentum, 0.0))           # (1-μ) g_t + μ U_{t-1}
+    a = graft_direction(g, graft_sum, graft_type, diagonal_eps)               # A_t
     g_full, order = full_tensor(g), g.dim()
-    recompute = (step - 1) % preconditioning_compute_steps == 0               # steps 1, 1+K, 1+2K, ...
+    started = step >= start_preconditioning_step                              # s
+    recompute = started and (step - start_preconditioning_step) % preconditioning_compute_steps == 0  # s, s+K, ...
     for i, (h, p) in enumerate(zip(pre_conds, inv_pre_conds)):
         g_i = g_full.movedim(i, 0).reshape(g_full.shape[i], -1)               # G_(i)
         if h.dim() == 2: h.addmm_(g_i, g_i.T)                                 # H^i += G_(i) G_(i)^T
         else: h.add_(g_i.square().sum(dim=1))                                 # its diagonal only
         if recompute: p.copy_(matrix_inverse_root(h, 2 * order, matrix_eps) if h.dim() == 2 else
                                h.clamp_min(matrix_eps).pow(-1 / (2 * order)))
-    u = g_full
-    for p in inv_pre_conds:                        # contract dimension 0 with P^i; it comes back as the last one,
-        u = torch.tensordot(u, p, dims=([0], [0])) if p.dim() == 2 else u.movedim(0, -1) * p  # so after k: in order
-    u = local_shard_like(u.contiguous(), g)
+    if not started: u = a.clone()                                             # the grafted method's own step
+    else:
+        u = g_full
+        for p in inv_pre_conds:                    # contract dimension 0 with P^i; it comes back as the last one,
+            u = torch.tensordot(u, p, dims=([0], [0])) if p.dim() == 2 else u.movedim(0, -1) * p  # so after k: in order
+        u = local_shard_like(u.contiguous(), g)
+        if graft_type != 'none':                   # Shampoo's direction, the graft's norm (whole-tensor norms)
+            u = u * (torch.linalg.vector_norm(a) / torch.linalg.vector_norm(u).clamp_min(torch.finfo(u.dtype).tiny))
     momentum_buffer.copy_(u)
     return u
 
@@ -49,9 +62,10 @@ def shampoo_update(grad: Tensor, momentum_buffer: Tensor, pre_conds: list[Tensor
 @register(paper='Shampoo: Preconditioned Stochastic Tensor Optimization', year=2018,
           url='https://arxiv.org/abs/1802.09568', chapter='28_shampoo')
 class Shampoo(LabOptimizer):
-    "Shampoo: one (inverse-root) preconditioner per tensor dimension; diagonal above `max_precond_dim`"
+    "Shampoo: one (inverse-root) preconditioner per tensor dimension, diagonal above `max_precond_dim`, its step norm grafted from AdaGrad"
     constraints = dict(momentum=Beta, preconditioning_compute_steps=PositiveInt, matrix_eps=Positive,
-                       max_precond_dim=PositiveInt)
+                       max_precond_dim=PositiveInt, graft_type=OneOf(('none', 'sgd', 'adagrad')),
+                       start_preconditioning_step=PositiveInt, diagonal_eps=Positive)
     fastai_hypers = {'momentum': 'mom'}
     compile_refusal = ("its inverse roots are eigendecompositions recomputed on a schedule of steps (a branch on the step "
                        "count), on matrices gathered whole from sharded parameters")
@@ -66,16 +80,22 @@ class Shampoo(LabOptimizer):
                  preconditioning_compute_steps: int = 1, # K: recompute the inverse roots on steps 1, 1+K, 1+2K, ...
                  matrix_eps: float = 1e-6,               # ε: H^i starts at εI; eigenvalues are floored at ε
                  max_precond_dim: int = 1024,            # larger dimensions get diagonal statistics
+                 graft_type: str = 'adagrad',            # the step's norm: 'adagrad', 'sgd' or 'none' (the paper's rule)
+                 start_preconditioning_step: int = 1,    # s: the grafted step alone before step s
+                 diagonal_eps: float = 1e-10,            # AdaGrad graft: g / (√Σg² + diagonal_eps)
                  maximize: bool = False,                 # ascend instead of descend
                  **kwargs):                              # `LabOptimizer` options: `skip_nonfinite`
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
                                       preconditioning_compute_steps=preconditioning_compute_steps,
-                                      matrix_eps=matrix_eps, max_precond_dim=max_precond_dim, maximize=maximize), **kwargs)
+                                      matrix_eps=matrix_eps, max_precond_dim=max_precond_dim, graft_type=graft_type,
+                                      start_preconditioning_step=start_preconditioning_step, diagonal_eps=diagonal_eps,
+                                      maximize=maximize), **kwargs)
 
     def prepare_state(self, p, state, group):
-        "On a tensor's first step: εI (or ε·1 above `max_precond_dim`) and a zero root for every dimension"
-        if 'pre_cond_0' in state or p.dim() == 0: return
+        "On a tensor's first step: εI (or ε·1 above `max_precond_dim`) and a zero root for every dimension; AdaGrad's sum when grafting from it"
         dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
+        if group['graft_type'] == 'adagrad' and 'graft_sum' not in state: state['graft_sum'] = torch.zeros_like(p, dtype=dtype)
+        if 'pre_cond_0' in state or p.dim() == 0: return
         for i, n in enumerate(p.shape):
             full = n <= group['max_precond_dim']
             state[f'pre_cond_{i}'] = (torch.eye(n, dtype=dtype, device=p.device) if full else
@@ -85,6 +105,8 @@ class Shampoo(LabOptimizer):
     def update(self, p, grad, state, group):
         order = p.dim()
         return self.update_fn(grad, state['momentum_buffer'], [state[f'pre_cond_{i}'] for i in range(order)],
-                              [state[f'inv_pre_cond_{i}'] for i in range(order)], step=state['step'],
-                              momentum=group['momentum'], matrix_eps=group['matrix_eps'],
-                              preconditioning_compute_steps=group['preconditioning_compute_steps'])
+                              [state[f'inv_pre_cond_{i}'] for i in range(order)], state.get('graft_sum'),
+                              step=state['step'], momentum=group['momentum'], matrix_eps=group['matrix_eps'],
+                              preconditioning_compute_steps=group['preconditioning_compute_steps'],
+                              graft_type=group['graft_type'], diagonal_eps=group['diagonal_eps'],
+                              start_preconditioning_step=group['start_preconditioning_step'])
