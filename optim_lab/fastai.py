@@ -9,12 +9,11 @@ from functools import partial
 
 import torch
 from torch import nn
+from .registry import load_optimizer, no_decay_names  # before fastai: optim_lab silences its torch.jit warning
 from fastai.optimizer import OptimWrapper, detuplify_pg
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.callback.core import Callback
-
-from .registry import load_optimizer, no_decay_names
 
 # %% auto #0
 __all__ = ['fastai_hp_map', 'opt_func', 'digits_dls', 'digits_learner', 'HyperRecorder', 'no_decay_splitter', 'Diagnostics']
@@ -81,7 +80,7 @@ class HyperRecorder(Callback):
 
 # %% ../nbs/02_fastai.ipynb #4b323fa2
 def no_decay_splitter(model: nn.Module, wd_ban_list=('bias',)) -> list:
-    "A fastai splitter: [parameters to decay, biases and normalisation parameters]; use with `wd=[wd, 0]`"
+    "A fastai splitter: [parameters to decay, the rest (below 2-D, normalisation layers, `wd_ban_list`)]; use with `wd=[wd, 0]`"
     banned = no_decay_names(model, wd_ban_list)
     named = list(model.named_parameters())
     return [[p for n, p in named if n not in banned], [p for n, p in named if n in banned]]
