@@ -5,12 +5,12 @@ BIN   := $(VENV)/bin
 PY    := $(BIN)/python
 STAMP := $(VENV)/.installed
 OUT   ?= lab_results
-# One torch thread per process: nbdev_test runs notebooks in parallel on these 2-core machines.
+# One torch thread per process: nbdev_test runs two notebooks at a time, and pytest two test files at a time.
 export OMP_NUM_THREADS ?= 1
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: test lab install system-packages sync-check nbtest pytest export clean docs readme
+.PHONY: test lab install system-packages sync-check nbtest pytest export outputs clean docs readme
 
 install: $(STAMP)
 
@@ -49,7 +49,7 @@ nbtest: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 2 --timing $(NBFLAGS)
 
 pytest: $(STAMP)
-	$(BIN)/pytest tests -q -rs $(PYTEST_ARGS)
+	$(BIN)/pytest tests -q -rs -n 2 --dist loadfile $(PYTEST_ARGS)
 
 ## The main job: benchmark every registered optimizer; tables (md, csv) and plots (png) go to $(OUT)/.
 lab: $(STAMP)
@@ -57,6 +57,13 @@ lab: $(STAMP)
 
 export: $(STAMP)
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
+
+## Re-execute notebooks and keep their outputs (the book): every one, or NBS="nbs/28_shampoo.ipynb ..."; commit them after.
+outputs: $(STAMP)
+	for nb in $(or $(NBS),index.ipynb nbs/*.ipynb); do \
+	  env -u MPLBACKEND $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 $$nb || exit 1; \
+	done
+	$(BIN)/nbdev_clean
 
 ## README.md and the HTML book, rendered with nbconvert (Quarto is not installable here).
 readme: $(STAMP)
