@@ -34,9 +34,21 @@ def _grid(name: str, resolution: int = 200):
     x, y = np.meshgrid(np.linspace(x0, x1, resolution), np.linspace(y0, y1, resolution))
     return x, y, spec['f'](x, y)
 
-def _last_finite(path: np.ndarray) -> np.ndarray:
-    "The last point of `path` that is finite (where a diverging run was last seen)"
-    return path[np.isfinite(path).all(1)][-1]
+def _end_point(path: np.ndarray, bounds) -> np.ndarray:
+    "Where to mark the end of `path`: its last point, or where it last left the window `bounds` if it ends outside it (or diverged)"
+    finite = np.isfinite(path).all(1)
+    inside = finite.copy()
+    for k, (lo, hi) in enumerate(bounds):
+        inside[finite] &= (path[finite, k] >= lo) & (path[finite, k] <= hi)
+    if inside[-1] or not inside.any(): return path[finite][-1]
+    j = np.flatnonzero(inside)[-1]               # the last point in the window
+    a, b = path[j], path[j + 1]                  # the step that leaves it for good
+    if not np.isfinite(b).all(): return a        # straight to inf or nan: a is the exit
+    t = 1.0                                      # the fraction of the step at which it crosses the window's edge
+    for k, (lo, hi) in enumerate(bounds):
+        if b[k] > hi: t = min(t, (hi - a[k]) / (b[k] - a[k]))
+        if b[k] < lo: t = min(t, (lo - a[k]) / (b[k] - a[k]))
+    return a + t * (b - a)
 
 def plot_trajectories(trajectories: dict,               # label -> (steps+1, 2) tensor or array, e.g. from `run_2d`
                       name: str = 'rosenbrock',         # a key of `TEST_FUNCTIONS`
@@ -44,7 +56,7 @@ def plot_trajectories(trajectories: dict,               # label -> (steps+1, 2) 
                       levels: int | Sequence = 30,      # how many log-spaced levels, or the levels
                       lrs: dict | float | None = None   # label -> learning rate (or one for all), named in the legend
                      ) -> Axes:
-    "Contours of the test function `name`; each trajectory with its end point; the start and the minimum"
+    "Contours of the test function `name`; each trajectory with its end point (where it left the window, if it did); the start and the minimum"
     spec = get_test_function(name)  # an unknown name fails before a figure is made
     if ax is None: _, ax = plt.subplots(figsize=(6, 5))
     x, y, z = _grid(name)
@@ -58,7 +70,8 @@ def plot_trajectories(trajectories: dict,               # label -> (steps+1, 2) 
         if not np.isfinite(path[-1]).all(): label += ' (diverged)'
         lines += ax.plot(path[:, 0], path[:, 1], lw=width, label=label)
     for line, path in zip(lines, paths.values()):
-        ax.plot(*_last_finite(path), 's', color=line.get_color(), mec='black', ms=7, zorder=3)
+        ax.plot(*_end_point(path, spec['bounds']), 's', color=line.get_color(), mec='black', ms=7, zorder=3,
+                clip_on=False)  # a square on the window's edge is drawn whole
     start, = ax.plot(*spec['start'], 'o', color='black', ms=7, ls='none', zorder=4, label='start')
     minimum, = ax.plot(*spec['minimum'], '*', color='red', ms=12, ls='none', zorder=4, label='minimum')
     end = Line2D([], [], marker='s', color='grey', mec='black', ms=7, ls='none', label='end (colour of its path)')
