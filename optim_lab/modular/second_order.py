@@ -103,14 +103,11 @@ def backtracking_search(f: Callable[[float], float], # φ(t)
                         df0: float,                   # φ'(0)
                         init: float = 1.0, beta: float = 0.5, c: float = 1e-4, maxiter: int = 10,
                         condition: str = 'armijo') -> float | None:
-    "Shrink t by `beta` from `init` until `condition` holds; None if it never does within `maxiter` evaluations"
-    t, f_prev = init, None
+    "Shrink t by `beta` from `init` until `condition` holds (N&W Alg. 3.1); None if it never does within `maxiter` evaluations"
+    t = init
     for _ in range(maxiter):
         ft = f(t)
-        if not math.isfinite(ft): t *= beta; continue
-        if f_prev is not None and ft > f_prev and f_prev < f0: return t / beta  # the previous t was better
-        f_prev = ft
-        if (armijo(f0, df0, ft, t, c) if condition == 'armijo' else ft < f0): return t
+        if math.isfinite(ft) and (armijo(f0, df0, ft, t, c) if condition == 'armijo' else ft < f0): return t
         t *= beta
     return None
 
@@ -138,9 +135,9 @@ class Backtracking(LineSearch):
         if t is not None:
             self.global_state['init_scale'] = 1.0
             return t
-        if s['adaptive']:  # keep shrinking next time; restart from a large step once it underflows
+        if s['adaptive']:  # start the next search where this one ended; once that underflows, from `init` again
             tiny = torch.finfo(var.params[0].dtype).tiny
-            self.global_state['init_scale'] = init * 2 if scale <= tiny * 2 else scale * s['beta'] ** s['maxiter']
+            self.global_state['init_scale'] = 1.0 if scale <= tiny * 2 else scale * s['beta'] ** s['maxiter']
         return 0.0
 
 # %% ../../nbs/62_second_order.ipynb #1e40cd99
@@ -166,6 +163,7 @@ def strong_wolfe_search(f_df: Callable[[float], tuple[float, float]], # t -> (φ
                         tol_change: float = 1e-9, d_norm: float = 1.0,
                         interpolation: str = 'cubic') -> tuple[float, float] | None:
     "A step satisfying the strong Wolfe conditions (Nocedal & Wright Alg. 3.5 with zoom Alg. 3.6): `(t, φ(t))` or None"
+    if not df0 < 0: return None                     # not a descent direction: no step satisfies the conditions
     cache, budget = {}, math.inf if maxeval is None else maxeval
     def phi(t):
         if t not in cache: cache[t] = f_df(t)
@@ -254,6 +252,7 @@ class StrongWolfe(LineSearch):
     def search(self, var, ls):
         s, gs = self.defaults, self.global_state
         f0, df0 = ls.phi0()
+        if not df0 < 0: return 0.0       # an ascent (or zero) direction: no evaluation, no move, the first trial kept
         tiny = torch.finfo(ls.d[0].dtype).tiny
         d_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in ls.d])))
         trials = {}
@@ -408,6 +407,7 @@ class QuasiNewton(Module):
                 ok = info == 0
             if not ok or (s['safeguard'] and d.dot(g) <= 0 < g.dot(g)):   # singular B, or an ascent direction
                 self._reset(st, g); d = g * initial_step_size([g])
+                st['resets'] = st.get('resets', 0) + 1                    # how often the learned curvature was dropped
             _unflatten_(d, ub)
         return var
 
@@ -466,6 +466,10 @@ class SR1(QuasiNewton):
     "Symmetric rank-one: the symmetric rank-one update that satisfies the secant equation H y = s"
     update_H = staticmethod(sr1_update_)
     update_B = staticmethod(lambda B, s, y, tol: sr1_update_(B, y, s, tol))   # B s = y is H y = s with s, y swapped
+    def __init__(self, init_scale: float | Literal['auto'] = 'auto',
+                 tol: float = 1e-8,   # r of N&W eq. 6.26: skip when |⟨z, y⟩| ≤ r‖z‖‖y‖ (torchzero's default: 1e-32)
+                 **kwargs):           # the other arguments of `QuasiNewton`
+        super().__init__(init_scale, tol, **kwargs)
 
 # %% ../../nbs/62_second_order.ipynb #713517df
 def lbfgs_two_loop(q: Tensor,                 # the vector to precondition (flat), e.g. the gradient
@@ -624,14 +628,14 @@ def _eigen_solve(H, b, eigval_fn, tol, truncate):
     return Q @ ((Q.mT @ b) / L)
 
 # %% ../../nbs/62_second_order.ipynb #e42e8298
-def conjugate_gradient(A: Callable[[Tensor], Tensor], # v -> A v, A symmetric (positive definite for a descent direction)
-                       b: Tensor,                     # right-hand side
+def conjugate_gradient(A: Callable[[Tensor], Tensor], # v -> A v, A symmetric
+                       b: Tensor,                     # right-hand side (for Newton: the gradient)
                        x0: Tensor | None = None,      # initial guess (zeros)
                        tol: float = 1e-8,             # stop when ‖r‖ < tol (after `miniter` iterations)
                        maxiter: int | None = None,    # most iterations (None: dimension of b)
                        miniter: int = 1,
-                       npc_terminate: bool = False) -> Tensor: # stop at negative curvature
-    "Solve A x = b by conjugate gradients (N&W Alg. 5.2), torchzero's handling of non-positive curvature"
+                       npc_terminate: bool = True) -> Tensor: # stop at negative curvature (False: continue through it)
+    "Solve A x = b by conjugate gradients, stopped at non-positive curvature as in Newton-CG (N&W Alg. 7.1)"
     maxiter = b.numel() if maxiter is None else maxiter
     tiny = torch.finfo(b.dtype).tiny * 2
     x = torch.zeros_like(b) if x0 is None else x0.clone()
@@ -642,8 +646,8 @@ def conjugate_gradient(A: Callable[[Tensor], Tensor], # v -> A v, A symmetric (p
         Ad = A(d)
         dAd = d.dot(Ad)
         if dAd <= tiny:                               # non-positive curvature along d
-            if k == 0: return b * (rr / dAd).abs()    # the (scaled) right-hand side itself
-            if npc_terminate: return x
+            if k == 0: return b.clone()               # the right-hand side itself (for b = g: steepest descent)
+            if npc_terminate: return x                # the last iterate, a descent direction
         alpha = rr / dAd
         x = x + alpha * d
         r = r - alpha * Ad
@@ -658,11 +662,11 @@ class NewtonCG(Module):
     "Newton's method with the system H d = update solved by conjugate gradients on Hessian-vector products (torchzero's `NewtonCG`)"
     def __init__(self,
                  maxiter: int | None = None,  # most CG iterations (None: the number of parameters; fewer: truncated Newton)
-                 tol: float = 1e-8,           # CG stops when the residual norm is below this
+                 tol: float | Literal['forcing'] = 'forcing', # CG stops when ‖r‖ < tol; 'forcing': min(0.5, √‖b‖)·‖b‖ (N&W Alg. 7.1)
                  reg: float = 1e-8,           # λ added to the Hessian's diagonal
                  hvp_method: Literal['autograd'] = 'autograd', # how H v is computed
                  solver: Literal['cg'] = 'cg', # the linear solver
-                 npc_terminate: bool = False, # stop CG at negative curvature
+                 npc_terminate: bool = True,  # stop CG at negative curvature (N&W Alg. 7.1; torchzero's default: False)
                  h: float = 1e-3,             # unused here (torchzero's finite-difference products)
                  miniter: int = 1,            # fewest CG iterations
                  warm_start: bool = False,    # start CG from the previous step's solution
@@ -671,7 +675,8 @@ class NewtonCG(Module):
         _no_inner('NewtonCG', inner)
         hypers = dict(maxiter=maxiter, tol=tol, reg=reg, hvp_method=hvp_method, solver=solver, npc_terminate=npc_terminate,
                       h=h, miniter=miniter, warm_start=warm_start, warm_beta=warm_beta)
-        check_hypers('NewtonCG', hypers, dict(tol=NonNegative, reg=NonNegative, hvp_method=OneOf(('autograd',)),
+        if tol != 'forcing': check_hypers('NewtonCG', hypers, dict(tol=NonNegative))
+        check_hypers('NewtonCG', hypers, dict(reg=NonNegative, hvp_method=OneOf(('autograd',)),
                      solver=OneOf(('cg',)), npc_terminate=Flag, miniter=Range(0), warm_start=Flag, warm_beta=Range(0, 1)))
         super().__init__(hypers)
 
@@ -682,13 +687,19 @@ class NewtonCG(Module):
         _, grads = _loss_and_grad_graph(var)
         with torch.enable_grad(): g = _flatten(grads)
         def Hv(v: Tensor) -> Tensor:
+            self.global_state['hvps'] = self.global_state.get('hvps', 0) + 1   # Hessian-vector products so far (torchzero's `_num_hvps`)
             if not g.requires_grad: return s['reg'] * v
             with torch.enable_grad():
                 hv = torch.autograd.grad(g, var.params, v, retain_graph=True, allow_unused=True, materialize_grads=True)
             return _flatten(hv) + s['reg'] * v
         u = var.get_update()
         x0 = _flatten([self.state(p)['prev_x'] for p in var.params]) if s['warm_start'] and 'prev_x' in self.state(var.params[0]) else None
-        d = conjugate_gradient(Hv, _flatten(u), x0, s['tol'], s['maxiter'], s['miniter'], s['npc_terminate'])
+        b = _flatten(u)
+        tol = s['tol']
+        if tol == 'forcing':                                   # ε = min(0.5, √‖b‖)·‖b‖: loose far away, superlinear near
+            bn = float(torch.linalg.vector_norm(b))
+            tol = min(0.5, bn ** 0.5) * bn
+        d = conjugate_gradient(Hv, b, x0, tol, s['maxiter'], s['miniter'], s['npc_terminate'])
         if s['warm_start']:
             x_new = d if x0 is None else torch.lerp(x0, d, 1 - s['warm_beta'])
             for p, x in zip(var.params, _unflatten_(x_new, [torch.empty_like(p) for p in var.params])): self.state(p)['prev_x'] = x
