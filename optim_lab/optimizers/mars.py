@@ -40,7 +40,7 @@ def mars_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, last_grad: Te
             torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
             exp_avg_sq = max_exp_avg_sq
         denom = (exp_avg_sq.sqrt() + eps) * ((1 - beta1 ** step) / sqrt(1 - beta2 ** step))
-        direction = exp_avg / denom                                         # m_hat / (v_hat-ish + eps)
+        direction = exp_avg / denom                                         # (m/(1-β1^t)) / ((sqrt(v) + ε)/sqrt(1-β2^t))
     return cautious_(direction, grad) if cautious else direction
 
 # %% ../../nbs/43_mars.ipynb #7311e123
