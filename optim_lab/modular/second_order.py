@@ -592,7 +592,7 @@ class Newton(Module):
                  precompute_inverse: bool | None = None, # accepted for compatibility: the solve is always fresh
                  use_lstsq: bool = False,            # solve by least squares (robust when H is singular)
                  hessian_method: Literal['batched_autograd', 'autograd'] = 'batched_autograd', # how H is formed
-                 h: float = 1e-3,                    # unused here (torchzero's finite-difference Hessians)
+                 h: float = 1e-3,                    # torchzero's, for its finite-difference methods (not offered here)
                  inner=None):                        # not supported
         _no_inner('Newton', inner)
         hypers = dict(damping=damping, eigval_fn=eigval_fn, eigv_tol=eigv_tol, truncate=truncate, update_freq=update_freq,
@@ -667,7 +667,7 @@ class NewtonCG(Module):
                  hvp_method: Literal['autograd'] = 'autograd', # how H v is computed
                  solver: Literal['cg'] = 'cg', # the linear solver
                  npc_terminate: bool = True,  # stop CG at negative curvature (N&W Alg. 7.1; torchzero's default: False)
-                 h: float = 1e-3,             # unused here (torchzero's finite-difference products)
+                 h: float = 1e-3,             # torchzero's, for its finite-difference products (not offered here)
                  miniter: int = 1,            # fewest CG iterations
                  warm_start: bool = False,    # start CG from the previous step's solution
                  warm_beta: float = 0,        # EMA of the warm start: x₀ ← lerp(x₀, d, 1 − warm_beta)
@@ -798,13 +798,14 @@ class FDM(GradApproximator):
 class SPSA(GradApproximator):
     """Simultaneous-perturbation estimate: g ≈ (f(x + hδ) − f(x − hδ))/(2h) · δ with random δ (±1 entries), two evaluations
     per sample whatever the dimension (torchzero's `SPSA`)"""
+    unsupported = dict(return_approx_loss='the loss is always a real evaluation of the closure')
     def __init__(self,
                  h: float = 1e-3,              # perturbation size
                  n_samples: int = 1,           # average this many random directions
                  formula: str = 'central',     # 'forward', 'backward' or 'central'
                  distribution: Literal['rademacher', 'gaussian'] = 'rademacher', # the entries of δ
                  pre_generate: bool = True,    # draw δ once per step (every closure call of the step uses the same δ)
-                 return_approx_loss: bool = False, # accepted for compatibility
+                 return_approx_loss: bool = False, # torchzero's; only False (a real loss) is offered
                  seed: int | None = None,      # seed of the module's own generator (None: torch's global one)
                  target: Literal['closure', 'grad', 'update'] = 'closure'): # where the estimate goes
         hypers = dict(h=h, n_samples=n_samples, formula=formula, distribution=distribution, pre_generate=pre_generate,
