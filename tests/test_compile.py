@@ -81,4 +81,9 @@ def test_compiles_on_benchmark_shapes(name):
     torch._dynamo.reset()
     eager, _, _ = run(name, compile=False, steps=3, shapes=BENCHMARK_SHAPES)
     compiled, _, _ = run(name, compile=True, steps=3, shapes=BENCHMARK_SHAPES)
-    close(eager, compiled, f'{name}: eager vs compile=True after 3 steps', COMPILE_ATOL.get(name, 1e-4))
+    # relative error of each whole tensor: a mis-compiled rule is wrong everywhere (O(1)); float32 scalars against
+    # eager's float64 Python numbers move a handful of elements that sit at a clip or a sign change (FCompass: up to
+    # 1e-2 relative on 1 of 262,144 elements after its 31.6-lr first step), which an element-wise bound would flag
+    for i, (x, y) in enumerate(zip(eager, compiled, strict=True)):
+        rel = ((x - y).norm() / x.norm().clamp_min(1e-12)).item()
+        assert rel < 1e-4, f'{name}: eager vs compile=True after 3 steps, tensor {i}: relative error {rel:.1e}'

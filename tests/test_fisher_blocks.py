@@ -6,6 +6,7 @@ for 100 steps in float32, with identical explicit settings; every iterate must a
 the comment says why. Then cautious stepping itself, and each optimizer's compiled step against its eager step.
 """
 from __future__ import annotations
+import re
 import math
 
 import pytest
@@ -52,7 +53,7 @@ ADOPT_SETTINGS = [  # (ours, the peer's): decoupled decay is their `weight_decou
     (dict(lr=1e-2, betas=(0.5, 0.9), cautious=True), dict(lr=1e-2, betas=(0.5, 0.9), cautious=True)),
 ]
 
-@pytest.mark.parametrize('ours,theirs', ADOPT_SETTINGS, ids=str)
+@pytest.mark.parametrize('ours,theirs', ADOPT_SETTINGS, ids=lambda v: re.sub(r' at 0x[0-9a-f]+', '', str(v)))  # the same ids in every process
 def test_adopt_vs_pytorch_optimizer(ours, theirs):
     compare('ADOPT', ours, pytorch_optimizer.ADOPT, theirs)
 
