@@ -222,7 +222,9 @@ class EMA(Module):
         return var
 
 class HeavyBall(EMA):
-    "Polyak's heavy-ball momentum b ← μb + u, u ← b: `EMA` with `lerp=False` and, as in torchzero, `ema_init='update'`"
+    """Polyak's heavy-ball momentum b ← μb + u, u ← b: `EMA` with `lerp=False`. Note: the default `ema_init='update'`
+    (torchzero's) starts from b₀ = u₁, so the first step is (1 + μ)u₁, not textbook heavy ball's u₁: pass
+    `ema_init='zeros'` for torch.optim.SGD's momentum"""
     def __init__(self, momentum: float = 0.9, dampening: float = 0, debias: bool = False, lerp: bool = False,
                  ema_init: Literal['zeros', 'update'] = 'update'):
         super().__init__(momentum=momentum, dampening=dampening, debias=debias, lerp=lerp, ema_init=ema_init)
@@ -255,18 +257,14 @@ class Cautious(Module):
                  mode: Literal['zero', 'grad', 'backtrack'] = 'zero'):
         super().__init__(dict(normalize=normalize, eps=eps, mode=mode))
     def step(self, var):
-        update, grad, s = var.get_update(), var.get_grad(), self.settings(var)[0]
+        update, grad, settings = var.get_update(), var.get_grad(), self.settings(var)
         masks = [u * g > 0 for u, g in zip(update, grad)]   # φ = 1[u ⊙ g > 0]
-        if s['mode'] == 'zero':
-            scale = 1.0
-            if s['normalize']:
-                kept = sum(m.sum() for m in masks) / sum(m.numel() for m in masks)
-                scale = 1 / kept.clamp(min=s['eps'])
-            for u, m in zip(update, masks): u.mul_(m * scale if s['normalize'] else m)
-        elif s['mode'] == 'grad':
-            for u, g, m in zip(update, grad, masks): u.copy_(torch.where(m, u, g))
-        else:
-            for u, m in zip(update, masks): u.copy_(torch.where(m, u, -u))
+        normalized = [m for m, s in zip(masks, settings) if s['mode'] == 'zero' and s['normalize']]
+        if normalized: kept = sum(m.sum() for m in normalized) / sum(m.numel() for m in normalized)  # over all of them
+        for u, g, m, s in zip(update, grad, masks, settings):     # each parameter with its own group's settings
+            if s['mode'] == 'zero': u.mul_(m / kept.clamp(min=s['eps']) if s['normalize'] else m)
+            elif s['mode'] == 'grad': u.copy_(torch.where(m, u, g))
+            else: u.copy_(torch.where(m, u, -u))
         return var
 
 # %% ../../nbs/61_modules.ipynb #53cbaa43
@@ -286,19 +284,26 @@ def _dims(t: Tensor, dim, inverse_dims: bool) -> list[int]:
     else: dims = [d for d in ((dim,) if isinstance(dim, int) else dim) if d < t.ndim]
     return [d for d in range(t.ndim) if d not in dims] if inverse_dims else dims
 
+def _guard(norm: Tensor) -> Tensor:
+    "A norm to divide by: 1 where it is (nearly) zero, so a zero update stays zero instead of becoming 0/0"
+    return torch.where(norm <= 1e-12, 1.0, norm)
+
 def _norms(update: list[Tensor], settings: list[dict]):
-    "(tensor, norm, settings) for each tensor that `dim`/`min_size` select; `dim='global'`: one norm of all tensors together"
-    s0 = settings[0]
-    if s0['dim'] == 'global':
-        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u, s0['ord']) for u in update]), s0['ord'])
-        return [(u, total, s) for u, s in zip(update, settings)]
+    "(tensor, norm, settings) for each tensor that `dim`/`min_size` select; the tensors of groups with `dim='global'` share one norm"
+    shared = [(u, s) for u, s in zip(update, settings) if s['dim'] == 'global']
     out = []
+    if shared:
+        ords = {s['ord'] for _, s in shared}
+        if len(ords) > 1: raise ValueError(f"dim='global': the tensors reduced together need one `ord`, got {sorted(ords)}")
+        o = ords.pop()
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u, o) for u, _ in shared]), o)
+        out = [(u, _guard(total), s) for u, s in shared]
     for u, s in zip(update, settings):
+        if s['dim'] == 'global': continue
         v = u.unsqueeze(0) if u.ndim == 0 else u
         dims = _dims(v, s['dim'], s['inverse_dims'])
         if not dims or math.prod(v.shape[d] for d in dims) < s['min_size']: continue
-        norm = torch.linalg.vector_norm(v, s['ord'], dim=dims, keepdim=True)
-        out.append((v, torch.where(norm <= 1e-12, 1.0, norm), s))
+        out.append((v, _guard(torch.linalg.vector_norm(v, s['ord'], dim=dims, keepdim=True)), s))
     return out
 
 # %% ../../nbs/61_modules.ipynb #6a90955c
@@ -336,11 +341,12 @@ class Centralize(Module):
         super().__init__(dict(dim=dim, inverse_dims=inverse_dims, min_size=min_size))
     def step(self, var):
         update, settings = var.get_update(), self.settings(var)
-        if settings[0]['dim'] == 'global':
-            mean = sum(u.sum() for u in update) / sum(u.numel() for u in update)
-            for u in update: u.sub_(mean)
-            return var
+        shared = [u for u, s in zip(update, settings) if s['dim'] == 'global']   # one mean over these tensors together
+        if shared:
+            mean = sum(u.sum() for u in shared) / sum(u.numel() for u in shared)
+            for u in shared: u.sub_(mean)
         for u, s in zip(update, settings):
+            if s['dim'] == 'global': continue
             dims = _dims(u, s['dim'], s['inverse_dims'])
             if dims and math.prod(u.shape[d] for d in dims) >= s['min_size']: u.sub_(u.mean(dim=dims, keepdim=True))
         return var
@@ -433,7 +439,7 @@ class SOAP(Module):
                  precondition_1d: bool = True,         # give 1-D tensors a factor too (else they take Adam)
                  eps: float = 1e-8,                    # ε, added to √V
                  debias: bool = True,                  # Adam's bias correction √(1−β2ᵗ)/(1−β1ᵗ)
-                 proj_exp_avg: bool = True,            # accepted for torchzero; M is kept in the original basis (equal in exact arithmetic)
+                 proj_exp_avg: bool = True,            # torchzero's choice of basis for M: the same algorithm either way (M is kept in the original basis)
                  alpha: float = 1):                    # multiplies the direction
         super().__init__(dict(beta1=beta1, beta2=beta2, shampoo_beta=shampoo_beta, precond_freq=precond_freq,
                               merge_small=merge_small, max_dim=max_dim, precondition_1d=precondition_1d, eps=eps,
