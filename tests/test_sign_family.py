@@ -4,7 +4,9 @@ Both sides get the same parameters (several shapes, in one optimizer) and the sa
 g_t = theta_{t-1} + noise_t for 100 steps, in float32, with identical explicit settings; every iterate must agree
 to 1e-5. Where the peer deviates from the paper (pytorch-optimizer's LaProp weight decay, its SimplifiedAdEMAMix),
 the comparison is against a float64 transcription of the equations instead, and the comment says why. Then the
-properties the issue names, and each optimizer's compiled step against its eager step.
+properties the chapters state (Lion's step is a sign, Lion with beta1 = beta2 is Signum, SignSGD is Signum with momentum 0,
+LaProp with beta1 = 0 is RMSprop, AdEMAMix and SimplifiedAdEMAMix reduce to Adam), and each optimizer's compiled step
+against its eager step.
 """
 from __future__ import annotations
 import math
@@ -76,6 +78,17 @@ def test_lion_step_is_a_sign():
         for a, b in zip(prev, cur):
             steps = (a - b) / lr
             assert torch.allclose(steps, steps.round(), atol=1e-9) and steps.round().abs().max() <= 1
+
+
+@pytest.mark.parametrize('beta,weight_decay', [(0.5, 0.0), (0.9, 0.1), (0.99, 0.5)])
+def test_lion_with_equal_betas_is_signum(beta, weight_decay):
+    "With beta1 = beta2, Lion's direction c_t is the new momentum m_t, so Lion is Signum; float64, to rounding (a differing sign would cost 2 lr)"
+    lion, signum = load_optimizer('Lion'), load_optimizer('Signum')
+    ours = run(lambda ps: lion(ps, lr=1e-2, betas=(beta, beta), weight_decay=weight_decay), dtype=torch.float64)
+    theirs = run(lambda ps: signum(ps, lr=1e-2, momentum=beta, weight_decay=weight_decay), dtype=torch.float64)
+    assert deviation(ours, theirs) < 1e-12
+    control = run(lambda ps: lion(ps, lr=1e-2, betas=(beta, 0.999), weight_decay=weight_decay), dtype=torch.float64)
+    assert deviation(control, theirs) >= 2e-2 - 1e-12
 
 
 # %% SignSGD and Signum
