@@ -161,19 +161,20 @@ class SAM(OptimizerWrapper):
     def __init__(self, params,                      # parameters or groups for `base_optimizer` (None if it is already built)
                  base_optimizer,                    # an optimizer class, built as base_optimizer(params, **kwargs); or a built optimizer
                  rho: float = 0.05,                 # ρ: radius of the neighbourhood
-                 adaptive: bool = False,            # ASAM: perturbation ρ w² g / ‖|w| g‖
+                 adaptive: bool = False,            # ASAM: perturbation ρ T_w² g / ‖T_w g‖, T_w = |w| + η
+                 eta: float = 0.0,                  # ASAM's η (the paper: 0.01; 0, pytorch-optimizer's T_w = |w|)
                  perturb_eps: float = 1e-12,        # added to the norm in the perturbation
                  use_gc: bool = False,              # centralize the gradient (in place) before perturbing
                  **kwargs):                         # hyperparameters of `base_optimizer`
-        check_hypers('SAM', dict(rho=rho, adaptive=adaptive, perturb_eps=perturb_eps, use_gc=use_gc),
-                     dict(rho=NonNegative, adaptive=Flag, perturb_eps=NonNegative, use_gc=Flag))
+        check_hypers('SAM', dict(rho=rho, adaptive=adaptive, eta=eta, perturb_eps=perturb_eps, use_gc=use_gc),
+                     dict(rho=NonNegative, adaptive=Flag, eta=NonNegative, perturb_eps=NonNegative, use_gc=Flag))
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if params is not None or kwargs:
                 raise ValueError("SAM: base_optimizer is already built: pass params=None and no hyperparameters")
             inner = base_optimizer
         else: inner = base_optimizer(params, **kwargs)
         super().__init__(inner)
-        self.rho, self.adaptive, self.perturb_eps, self.use_gc = rho, adaptive, perturb_eps, use_gc
+        self.rho, self.adaptive, self.eta, self.perturb_eps, self.use_gc = rho, adaptive, eta, perturb_eps, use_gc
 
     @property
     def base_optimizer(self) -> torch.optim.Optimizer: return self.optimizer
@@ -184,14 +185,14 @@ class SAM(OptimizerWrapper):
         params = [p for p in self._params() if p.grad is not None]
         if not params: return
         if self.use_gc: centralize_gradient([p.grad for p in params])
-        scaled = [p.grad * p.abs() if self.adaptive else p.grad for p in params]                     # T_w g
+        scaled = [p.grad * (p.abs() + self.eta) if self.adaptive else p.grad for p in params]        # T_w g
         wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s, dtype=wide if s.dtype != wide else None)
                                                      .to(params[0].device) for s in scaled]))        # ‖T_w g‖
         scale = self.rho / (norm + self.perturb_eps)
         for p, s in zip(params, scaled):
             self.state[p]['old_p'] = p.detach().clone()
-            p.add_((s * p.abs() if self.adaptive else s) * scale.to(p.device))                         # ε̂ = ρ T_w² g / ‖T_w g‖
+            p.add_((s * (p.abs() + self.eta) if self.adaptive else s) * scale.to(p.device))            # ε̂ = ρ T_w² g / ‖T_w g‖
         if zero_grad: self.zero_grad()
 
     @torch.no_grad()
@@ -214,7 +215,7 @@ class SAM(OptimizerWrapper):
         self.second_step()
         return loss
 
-    def __repr__(self): return f"SAM({self.optimizer!r}, rho={self.rho}, adaptive={self.adaptive})"
+    def __repr__(self): return f"SAM({self.optimizer!r}, rho={self.rho}, adaptive={self.adaptive}, eta={self.eta})"
 
 # %% ../../nbs/51_wrappers.ipynb #b163ed47
 def pcgrad_project(grads: list[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
