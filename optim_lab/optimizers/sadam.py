@@ -84,8 +84,8 @@ def sradam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: in
     return torch.div(exp_avg, where(r > 0, denom, 1.0)).div_(bias_correction1)  # m_hat_t / sp(...), or m_hat_t
 
 # %% ../../nbs/13_sadam.ipynb #0985eb6d
-@register(paper="Seed notebook: SRAdam, RAdam's rectifier with SAdam's softplus denominator (unpublished)",
-          year=2020, url='', chapter='13_sadam')  # year: the seed cites 2020 papers, so 2020 at the earliest
+@register(paper="SRAdam, RAdam's rectifier with SAdam's softplus denominator (the original `optimizer.ipynb`, unpublished)",
+          year=2020, url='', chapter='13_sadam')  # year: the original notebook cites 2020 papers, so 2020 at the earliest
 class SRAdam(LabOptimizer):
     "RAdam's rectifier with SAdam's softplus denominator: momentum SGD until rho_t > 5, then m_hat/sp(sqrt(v_hat)/r_t)"
     constraints = dict(betas=(Beta, Beta), smooth=FinitePositive, rho_threshold=Range(4))
@@ -99,7 +99,7 @@ class SRAdam(LabOptimizer):
                  smooth: float = 50.0,          # softplus sharpness β
                  weight_decay: float = 0.0,     # λ
                  decoupled_wd: bool = False,    # decay as θ ← (1 - ηλ)θ (AdamW) instead of g ← g + λθ
-                 rho_threshold: float = 5.0,    # rectify when ρ_t > this (torch.optim: 5; RAdam's Algorithm 2, seed: 4)
+                 rho_threshold: float = 5.0,    # rectify when ρ_t > this (torch.optim: 5; RAdam's Algorithm 2, original: 4)
                  maximize: bool = False,        # ascend instead of descend
                  **kwargs):                     # `LabOptimizer` options: `compile`, `skip_nonfinite`
         super().__init__(params, dict(lr=lr, betas=betas, smooth=smooth, weight_decay=weight_decay,
