@@ -102,7 +102,7 @@ def um_update(grad: Tensor, exp_avg: Tensor, *, step: int, beta: float) -> Tenso
     return _unit_rms(m_hat, out=m_hat)                              # d_t, in m_hat's buffer
 
 # %% ../../nbs/15_lamb.ipynb #ab99d5de
-@register(paper="Unit momentum (the seed notebook author's own optimizer)", year=None, url='', chapter='15_lamb')
+@register(paper="Unit momentum (the original `optimizer.ipynb`, unpublished)", year=None, url='', chapter='15_lamb')
 class UM(LabOptimizer):
     "Unit momentum: per tensor, the bias-corrected momentum divided by its RMS, so every layer steps by lr (RMS)"
     constraints = dict(momentum=Beta)
@@ -133,7 +133,7 @@ def prelamb_update(param: Tensor, grad: Tensor, exp_avg: Tensor, *, step: int, b
     return torch.div(exp_avg, 1 - beta ** step, out=g_tilde)        # m_hat_t, in g_tilde's buffer
 
 # %% ../../nbs/15_lamb.ipynb #4b27217d
-@register(paper="PreLAMB (the seed notebook author's own optimizer)", year=None, url='', chapter='15_lamb')
+@register(paper="PreLAMB (the original `optimizer.ipynb`, unpublished)", year=None, url='', chapter='15_lamb')
 class PreLAMB(LabOptimizer):
     "PreLAMB: momentum on gradients rescaled per tensor to the weight norm, g * ‖θ‖ / ‖g‖; no second moment"
     constraints = dict(momentum=Beta)
