@@ -74,7 +74,7 @@ class _ChannelNormAdam(LabOptimizer):
     def _init_norm(self, state, group): return state.get('init_norm') if group['scale'] else None
 
 # %% ../../nbs/16_scale_stable.ipynb #9ed3cd75
-@register(paper='Seed notebook: Stable_Adam (unpublished)', year=None, url='', chapter='16_scale_stable')
+@register(paper='Stable_Adam (the original `optimizer.ipynb`, unpublished)', year=None, url='', chapter='16_scale_stable')
 class StableAdam(_ChannelNormAdam):
     "Adam whose step on each output channel of a weight (dim >= 2) is scaled by ||θ^k|| / ||θ_0^k||"
     update_fn = staticmethod(stable_adam_update)
@@ -84,7 +84,7 @@ class StableAdam(_ChannelNormAdam):
         return self.update_fn(p, grad, state['exp_avg'], state['exp_avg_sq'], self._init_norm(state, group),
                               step=state['step'], beta1=beta1, beta2=beta2, eps=group['eps'])
 
-@register(paper='Seed notebook: Adam_AWD, Adam with adaptive weight decay (unpublished)', year=None, url='',
+@register(paper='Adam_AWD, Adam with adaptive weight decay (the original `optimizer.ipynb`, unpublished)', year=None, url='',
           chapter='16_scale_stable')  # motivation (not the method): D. Wu, Jane Street blog 2019, linked in the chapter
 class AdamAWD(_ChannelNormAdam):
     "Adam, then each output channel of a weight (dim >= 2) rescaled to its initial norm ||θ_0^k||"
