@@ -52,10 +52,10 @@ def muon_update(grad: Tensor, momentum_buffer: Tensor, *,
 class Muon(LabOptimizer):
     "Muon: orthogonalised Nesterov momentum for matrices (conv kernels flattened), AdamW for everything else"
     constraints = dict(momentum=Beta, nesterov=Flag, ns_steps=PositiveInt, adamw_lr=NonNegative,
-                       adamw_betas=(Beta, Beta), adamw_eps=NonNegative, adamw_wd=NonNegative, use_muon=Flag)
+                       adamw_betas=(Beta, Beta), adamw_eps=NonNegative, adamw_wd=NonNegative, use_muon=Flag, lr0=NonNegative)
     fastai_hypers = {'momentum': 'mom'}
     handles_weight_decay = True            # matrices: (1 - ηλ); the AdamW tensors: their own (1 - η'λ')
-    static_hypers = ('ns_steps',)          # the number of iterations is structure
+    static_hypers = ('ns_steps', 'lr0')    # the number of iterations is structure; lr0 is fixed when a group is added
     update_fn = staticmethod(muon_update)
 
     def __init__(self, params,
@@ -64,7 +64,7 @@ class Muon(LabOptimizer):
                  nesterov: bool = True,             # orthogonalise (1-μ)G + μB instead of B
                  ns_steps: int = 5,                 # K: quintic Newton–Schulz iterations
                  weight_decay: float = 0.0,         # λ for the matrices
-                 adamw_lr: float = 3e-4,            # AdamW's step size for the other tensors (absolute, not scheduled)
+                 adamw_lr: float = 3e-4,            # AdamW's step size for the other tensors while lr = lr0 (it follows lr)
                  adamw_betas: tuple = (0.9, 0.95),  # AdamW's (β1, β2)
                  adamw_eps: float = 1e-10,          # AdamW's ε
                  adamw_wd: float = 0.0,             # AdamW's (decoupled) weight decay
@@ -75,6 +75,12 @@ class Muon(LabOptimizer):
                                       weight_decay=weight_decay, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
                                       adamw_eps=adamw_eps, adamw_wd=adamw_wd, decoupled_wd=decoupled_wd,
                                       maximize=maximize), **kwargs)
+
+    def add_param_group(self, param_group: dict):
+        "Add a group and record its `lr` as `lr0`, the lr at which AdamW's step size is `adamw_lr`"
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if 'lr0' not in group: group['lr0'] = group['lr']
 
     @staticmethod
     def uses_muon(p: Tensor, group: dict) -> bool:
@@ -94,7 +100,9 @@ class Muon(LabOptimizer):
             else: grad = add(grad, p, alpha=group['weight_decay'])
             return self.update_fn(grad, state['momentum_buffer'], momentum=group['momentum'],
                                   nesterov=group['nesterov'], ns_steps=group['ns_steps'])
-        lr, (beta1, beta2) = group['adamw_lr'], group['adamw_betas']           # torch.optim.AdamW, line by line
+        lr0 = group.get('lr0')                                                  # a number, also under compile
+        lr = group['adamw_lr'] * (group['lr'] / lr0) if lr0 else group['adamw_lr']   # follows lr's schedule
+        beta1, beta2 = group['adamw_betas']                                     # torch.optim.AdamW, line by line
         p.mul_(1 - lr * group['adamw_wd'])
         add_(p, adam_update(grad, state['exp_avg'], state['exp_avg_sq'], step=state['step'], beta1=beta1,
                             beta2=beta2, eps=group['adamw_eps']), alpha=-lr)
