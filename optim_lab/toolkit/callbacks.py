@@ -5,10 +5,10 @@
 # %% ../../nbs/54_toolkit_fastai.ipynb #3b61aab8
 from __future__ import annotations
 from torch import nn
-from fastai.callback.core import Callback, CancelStepException
 
-from ..fastai import opt_func
+from ..fastai import opt_func                      # optim_lab first: it silences torch's jit notice
 from .wrappers import SAM, Lookahead
+from fastai.callback.core import Callback, CancelStepException
 
 # %% auto #0
 __all__ = ['SAMCallback', 'lookahead_opt_func']
@@ -24,7 +24,14 @@ class SAMCallback(Callback):
         self.rho, self.adaptive, self.perturb_eps = rho, adaptive, perturb_eps
 
     def before_fit(self):
-        "Wrap the `Learner`'s torch optimizer in `SAM` (unless it is one)"
+        "Wrap the `Learner`'s torch optimizer in `SAM` (unless it is one); refuse callbacks whose `before_step` it would skip"
+        from fastai.callback.fp16 import MixedPrecision
+        from fastai.callback.training import GradientClip
+        skipped = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, (MixedPrecision, GradientClip))]
+        if skipped:
+            raise ValueError(f"SAMCallback replaces the optimizer step in before_step, so the before_step of {skipped} "
+                             "would not run (SAM would step on scaled or unclipped gradients): train SAM in full "
+                             "precision and clip in an after_backward callback")
         inner = getattr(self.learn.opt, 'opt', self.learn.opt)   # the torch optimizer inside fastai's OptimWrapper
         self.sam_opt = inner if isinstance(inner, SAM) else SAM(None, inner, rho=self.rho, adaptive=self.adaptive,
                                                             perturb_eps=self.perturb_eps)
