@@ -14,11 +14,11 @@ from torch import Tensor
 from .registry import list_optimizers, load_optimizer
 
 # %% auto #0
-__all__ = ['ADAM_LR', 'SOLVED', 'COARSE', 'TRIALS', 'SEEDS', 'EVAL_POINTS', 'SECONDARY_LRS', 'CHAPTER_FAMILIES', 'TARGET_AT',
-           'TAU_MAX', 'WORKLOAD', 'QUICK_WORKLOAD', 'STEP_TIME_HYPERS', 'COMPILE_SECONDS', 'EAGER_SECONDS',
-           'MAIN_OPTIMIZERS', 'default_lr', 'centre_lr', 'tuning_key', 'next_lr', 'edge', 'optimizer_factory', 'tune',
-           'family', 'leaderboard', 'first_reach', 'add_time_to_target', 'performance_profile', 'profile_score',
-           'step_cost', 'convergence', 'make_params', 'peer_factories', 'time_optimizers', 'state_bytes_per_param',
+__all__ = ['ADAM_LR', 'SOLVED', 'COARSE', 'TRIALS', 'SEEDS', 'EVAL_POINTS', 'SECONDARY_LRS', 'FAMILIES', 'TARGET_AT', 'TAU_MAX',
+           'WORKLOAD', 'QUICK_WORKLOAD', 'STEP_TIME_HYPERS', 'COMPILE_SECONDS', 'EAGER_SECONDS', 'MAIN_OPTIMIZERS',
+           'default_lr', 'centre_lr', 'tuning_key', 'next_lr', 'edge', 'optimizer_factory', 'tune', 'family',
+           'leaderboard', 'first_reach', 'add_time_to_target', 'performance_profile', 'profile_score', 'step_cost',
+           'convergence', 'make_params', 'peer_factories', 'time_optimizers', 'state_bytes_per_param',
            'step_time_table', 'markdown_table', 'write_csv', 'read_csv', 'ranking', 'ema', 'plot_profile',
            'plot_heatmap', 'plot_curves', 'plot_sensitivity', 'plot_step_time', 'run_lab', 'budget_line',
            'write_outputs', 'readme_summary', 'main']
@@ -110,15 +110,24 @@ def tune(name: str, problem, trials: int = TRIALS, seeds: int = SEEDS, steps: in
                 losses=[r['losses'] for r in seeded])
 
 # %% ../nbs/90_benchmark.ipynb #024abd43
-CHAPTER_FAMILIES = {1: "the seed's optimizers", 2: "pytorch-optimizer's set", 3: 'functional & sign',
-                    4: 'Fisher family', 5: 'toolkit', 6: 'modular & quasi-Newton', 7: 'modular & quasi-Newton'}
+_FAMILY_MEMBERS = {
+    'SGD & momentum': ('SGD', 'PNM', 'SGDP'),
+    'sign': ('Lion', 'Signum', 'SignSGD'),
+    'diagonal adaptive': ('Adam', 'AdamW', 'AdamD', 'AdamGCC', 'AdamP', 'AdamS', 'AdaPNM', 'AdEMAMix', 'SimplifiedAdEMAMix',
+                          'ADOPT', 'AdaBound', 'AMSBound', 'AdaBelief', 'DiffGrad', 'LaProp', 'MADGRAD', 'MARS', 'RAdam',
+                          'SAdam', 'SRAdam', 'Ranger', 'Ranger21', 'DuvAdam', 'SUAdam', 'BAdam', 'TALON'),
+    'layer-wise': ('LAMB', 'PreLAMB', 'UM', 'Nero', 'StableAdam', 'AdamAWD'),
+    'diagonal Fisher': ('FAdam', 'FishMonger', 'FARMSCrop', 'FARMSCropV2', 'FCompass', 'FMARSCrop', 'FMARSCropExMachina',
+                        'FMARSCropV2'),
+    'matrix & second order': ('Shampoo', 'SOAP', 'Muon', 'AdaHessian'),
+}
+FAMILIES = {name: fam for fam, names in _FAMILY_MEMBERS.items() for name in names}  # optimizer name -> family
 
 def family(cls) -> str:
-    "The optimizer's family: `cls.info['family']` if given, else from its chapter number (e.g. '31_lion' -> 3x)"
+    "The optimizer's algorithmic family: `cls.info['family']` if given, else `FAMILIES[name]`, else 'other'"
     info = getattr(cls, 'info', {}) or {}
     if info.get('family'): return info['family']
-    chapter = info.get('chapter', '')
-    return CHAPTER_FAMILIES.get(int(chapter[0]), 'other') if chapter[:2].isdigit() else 'other'
+    return FAMILIES.get(getattr(cls, '__name__', ''), 'other')
 
 # %% ../nbs/90_benchmark.ipynb #0f0a8644
 def leaderboard(rows: list[dict], baseline: str = 'AdamW', solved: float = SOLVED) -> list[dict]:
@@ -409,7 +418,7 @@ def _plt():
     return plt
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout(); fig.savefig(path, dpi=100); _plt().close(fig)
+    fig.tight_layout(); fig.savefig(path, dpi=100, bbox_inches='tight'); _plt().close(fig)  # nothing clipped
     return path
 
 def plot_profile(board: list[dict], rows: list[dict], path: Path, top: int = 10) -> Path:
@@ -449,8 +458,8 @@ def plot_heatmap(board: list[dict], rows: list[dict], path: Path, baseline: str 
         ax.text(j, i, text, ha='center', va='center', fontsize=6.5, color='w' if dark else 'k')
     ax.set_xticks(range(len(problems)), [p.replace('_', '\n') for p in problems], fontsize=7)
     ax.set_yticks(range(len(names)), [f'{k + 1}. {n}' for k, n in enumerate(names)], fontsize=7)
-    fig.colorbar(im, ax=ax, label=f'final metric / {baseline}\'s (lower is better)', shrink=0.5)
-    ax.set_title(f'Final metric relative to {baseline} (rows in leaderboard order)')
+    fig.colorbar(im, ax=ax, label=f'final metric / {baseline}\'s\n(lower is better)', shrink=0.5)
+    ax.set_title(f'Final metric relative to {baseline}\n(rows in leaderboard order)', fontsize=10)
     return _save(fig, path)
 
 # %% ../nbs/90_benchmark.ipynb #7cef5d24
@@ -540,8 +549,9 @@ def run_lab(out='lab_results', names=None, problems=None, trials: int = TRIALS, 
     tune_kw = dict(trials=trials, seeds=seeds, steps=steps, coarse=coarse)
     est_conv = sum(step_cost(p) * (steps or getattr(p, 'steps', 300)) * (trials + seeds - 1) for p in problems) * len(names)
     est_time = len(set(compile_names) & set(names)) * COMPILE_SECONDS + 2 * len(names) * EAGER_SECONDS
-    with tqdm(total=round(est_conv / workers + est_time, 1), disable=quiet, desc='optim_lab', unit='s~', mininterval=2,
-              bar_format='{l_bar}{bar}| {elapsed}<{remaining} (estimated work {total:.0f} s)') as bar:
+    estimate = round(est_conv / workers + est_time, 1)  # baked into the format: tqdm drops `total` once work exceeds it
+    with tqdm(total=estimate, disable=quiet, desc='optim_lab', unit='s~', mininterval=2,
+              bar_format=f'{{l_bar}}{{bar}}| {{elapsed}}<{{remaining}} (estimated work {estimate:.0f} s)') as bar:
         class Scaled:  # convergence work is shared by the workers
             def update(self, n): bar.update(round(n / workers, 3))
         rows = convergence(names, problems, workers, progress=Scaled(), **tune_kw)
@@ -562,11 +572,19 @@ def run_lab(out='lab_results', names=None, problems=None, trials: int = TRIALS, 
     if not quiet: print(budget_line(run))
     return out
 
+def _count(k: int, noun: str, plural: str = '') -> str:
+    "'1 worker', '2 workers'"
+    return f"{k} {noun if k == 1 else plural or noun + 's'}"
+
+def _minutes(seconds: float) -> str:
+    "'45 s' below 100 s, else '12 min'"
+    return f'{seconds:.0f} s' if seconds < 100 else f'{seconds / 60:.0f} min'
+
 def budget_line(run: dict) -> str:
     "What the run spent, in one line"
     return (f"{run['optimizers']} optimizers × {len(run['problems'])} problems: {run['trials']} lr trials + "
-            f"{run['seeds'] - 1} more seeds each = {run['runs']:,} runs, {run['optimizer_steps']:,} optimizer steps; "
-            f"{run['wall_seconds'] / 60:.1f} min wall ({run['convergence_seconds'] / 60:.1f} min sweep, {run['workers']} workers); "
+            f"{_count(run['seeds'] - 1, 'more seed')} each = {run['runs']:,} runs, {run['optimizer_steps']:,} optimizer steps; "
+            f"{_minutes(run['wall_seconds'])} wall ({_minutes(run['convergence_seconds'])} sweep, {_count(run['workers'], 'worker')}); "
             f"{run['edges']} of {run['pairs']} best lrs at a grid edge")
 
 # %% ../nbs/90_benchmark.ipynb #efba39f4
@@ -604,7 +622,7 @@ def write_outputs(out: Path, rows, board, time_rows, run: dict) -> list[Path]:
         f'Median of {run["rounds"]} rounds (up to 5 steps each, fewer for optimizers slower than 50 ms a step), round robin, in batches of 3 optimizers each with its own torch.optim.Adam(fused=True), '
         'the memory-bound floor (`fused_ms`: that batch\'s); `compile` is `compile=True`; `eager_vs_peer` against the '
         'same algorithm in torch.optim or pytorch-optimizer. `state_B_per_param`: bytes of state tensors per parameter; '
-        '`buffers_B_per_param`: the full-size buffers the math declares, 4 B each. Timed on a shared machine: noisy.',
+        '`buffers_B_per_param`: the full-size buffers the math declares, 4 B each. CPU timings vary from run to run.',
         markdown_table(time_rows),
         '\n'.join(f'![{p.stem}]({p.name})' for p in plots)]) + '\n')
     return plots
@@ -616,13 +634,13 @@ def readme_summary(results=None, top: int = 10, main=MAIN_OPTIMIZERS) -> str:
     "Markdown: which run, the leaderboard's `top` rows and the step time of the `main` optimizers, from a results folder"
     results = Path(results) if results is not None else Path(__file__).resolve().parents[1] / 'lab_results'
     run = json.loads((results / 'run.json').read_text())
-    board = read_csv(results / 'leaderboard.csv')[:top]
+    board = [dict(r, family=FAMILIES.get(r['optimizer'], r.get('family', ''))) for r in read_csv(results / 'leaderboard.csv')[:top]]
     steps = [r for r in read_csv(results / 'step_time.csv') if r['optimizer'] in main or r['optimizer'].startswith('torch')]
     cols = ['rank', 'optimizer', 'family', 'profile_score', 'vs_AdamW', 'reached', 'char_transformer']
     return '\n\n'.join([
-        f"From `make lab` on {run['date']}, commit `{run['commit'] or '?'}`: {run['optimizers']} optimizers, "
-        f"{len(run['problems'])} problems, each tuned with {run['trials']} learning rates and re-run with {run['seeds']} seeds "
-        f"({run['wall_seconds'] / 60:.0f} min on {run['workers']} cores). Score: area under the performance profile of "
+        f"Benchmark run of {run['date']}, commit `{run['commit'] or '?'}`: {_count(run['optimizers'], 'optimizer')}, "
+        f"{_count(len(run['problems']), 'problem')}, each tuned with {_count(run['trials'], 'learning rate')} and re-run with "
+        f"{_count(run['seeds'], 'seed')} ({_minutes(run['wall_seconds'])} with {_count(run['workers'], 'worker process', 'worker processes')}). Score: area under the performance profile of "
         "steps to a target (tuned AdamW's metric at three quarters of the budget), 1 = fastest everywhere; "
         "`vs_AdamW`: geometric mean of final metric / AdamW's; `reached`: problems on which the target was reached.",
         markdown_table(board, [c for c in cols if c in board[0]]),
