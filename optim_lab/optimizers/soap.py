@@ -87,7 +87,7 @@ def soap_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,   # G, M, V, 
                 eps,                         # ε, added to √V
                 precondition_frequency: int, # f: refresh the bases when (step - 1) % f == 0
                 correct_bias: bool = True,   # scale by √(1-β2ᵗ)/(1-β1ᵗ)
-                normalize_gradient: bool = False,  # divide the direction by its RMS (+ε)
+                normalize_gradient: bool = False,  # divide the direction by its RMS (+1e-30, the authors' code)
                ) -> Tensor | None:
     "SOAP's direction N (None on the first step); updates M, V, the factors and the bases in place"
     shampoo_beta = beta2 if shampoo_beta is None else shampoo_beta
@@ -100,7 +100,7 @@ def soap_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,   # G, M, V, 
     exp_avg.lerp_(grad, 1 - beta1)                                  # M_t
     exp_avg_sq.lerp_(soap_project(grad, bases).square(), 1 - beta2) # V_t, in the eigenbasis
     direction = soap_project(soap_project(exp_avg, bases) / (exp_avg_sq.sqrt() + eps), bases, back=True)  # N
-    if normalize_gradient: direction.div_(direction.square().mean().sqrt() + eps)
+    if normalize_gradient: direction.div_(direction.square().mean().sqrt() + 1e-30)
     if correct_bias: direction.mul_((1 - beta2 ** t) ** 0.5 / (1 - beta1 ** t))
     soap_update_factors(grad, factors, shampoo_beta)                # L, R (for the next step)
     if t % precondition_frequency == 0: soap_refresh_eigenbases(factors, bases, exp_avg_sq)
@@ -132,7 +132,7 @@ class SOAP(LabOptimizer):
                  merge_dims: bool = False,             # merge adjacent small dimensions before preconditioning
                  precondition_1d: bool = False,        # give 1-D tensors a factor too (else they take plain Adam)
                  correct_bias: bool = True,            # Adam's bias correction √(1-β2ᵗ)/(1-β1ᵗ)
-                 normalize_gradient: bool = False,     # divide the direction by its RMS
+                 normalize_gradient: bool = False,     # divide the direction by its RMS (+1e-30)
                  data_format: str = 'channels_first', # 4-D kernels' layout for `merge_dims`: or 'channels_last'
                  eps: float = 1e-8,                    # ε, added to √V
                  decoupled_wd: bool = True,            # W ← (1 - ηλ)W after the step; False: G ← G + λW
