@@ -340,7 +340,7 @@ def test_params_without_grad_untouched(name):
 
 
 def test_step_leaves_grad_untouched(name):
-    "The optimizer must not change the user's gradients (the seed's Adam_GCC centralised p.grad in place)"
+    "The optimizer must not change the user's gradients (the original optimizer.ipynb's Adam_GCC centralised p.grad in place)"
     if opt_class(name).needs_closure: pytest.skip(f'{name} recomputes gradients through its closure')
     x, y = toy_data()
     model = ToyMLP()
@@ -534,7 +534,7 @@ def test_registry_info_and_notebook(name):
     info = opt_class(name).info
     assert info['name'] == name
     assert isinstance(info['paper'], str) and info['paper'].strip(), f'{name}: no paper/source'
-    unpublished = any(w in info['paper'].lower() for w in ('seed notebook', 'unpublished'))
+    unpublished = any(w in info['paper'].lower() for w in ('optimizer.ipynb', 'unpublished'))
     if not (info['year'] is None and unpublished):  # the seed author's own rules have no publication year
         assert isinstance(info['year'], int) and 1950 <= info['year'] <= 2030, f'{name}: year {info["year"]!r}'
     assert info['chapter'], f'{name}: no chapter'

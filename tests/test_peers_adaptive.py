@@ -7,7 +7,7 @@ Our `decoupled_wd` is the peer's `weight_decouple`. Where a setting needs more, 
 - AMSBound is the peer's `AdaBound(ams_bound=True)`.
 - AdamD has no peer class: the peer's `AdamP(adam_debias=True, delta=0.0)` is AdamD (with delta=0 AdamP's projection
   never fires). Decoupled decay only: that AdamP adds the L2 term after updating its moments, so its L2 decay never
-  reaches the step (the issue's AdamP bug), and the comparison would test the bug.
+  reaches the step (the peer's AdamP bug), and the comparison would test the bug.
 - MADGRAD: the peer (like the authors' code) uses lr + eps where the paper has lr, in lambda_k and in decoupled decay;
   we follow the paper and give our optimizer lr + eps to compare. `test_madgrad_peer_lr_plus_eps` shows the difference.
 """

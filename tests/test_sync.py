@@ -87,7 +87,7 @@ DEBUGGER_MODULES = {'pdb', 'ipdb', 'pudb', 'idb'}
 
 
 def _debugger_calls(source: str) -> list[str]:
-    "Calls of breakpoint()/set_trace() and imports of debugger modules in `source` (the seed's B_Adam had one)"
+    "Calls of breakpoint()/set_trace() and imports of debugger modules in `source` (the original optimizer.ipynb's B_Adam had one)"
     import ast
     found = []
     for node in ast.walk(ast.parse(source)):
@@ -112,7 +112,7 @@ def test_no_debugger_calls_in_library_code():
 
 
 def test_no_debugger_calls_in_notebook_code():
-    "Every notebook's code cells too (a breakpoint in an unexported cell would hang nbdev_test); prose may name the seed's"
+    "Every notebook's code cells too (a breakpoint in an unexported cell would hang nbdev_test); prose may name the original's"
     import json
     found = {}
     for nb_path in sorted((REPO / 'nbs').glob('*.ipynb')) + [REPO / 'index.ipynb']:
