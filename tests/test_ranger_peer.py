@@ -1,10 +1,12 @@
 """Ranger and Ranger21 (nbs/29_ranger.ipynb) against pytorch-optimizer 4.1 with identical explicit settings, and
 against float64 transcriptions where pytorch-optimizer deviates:
 
-- Ranger with `degenerated_to_sgd=False` (its default): pytorch-optimizer steps *uphill*, θ ← θ + η m̂_t, while
+- Ranger with `degenerated_to_sgd=False`: pytorch-optimizer (whose default it is) steps *uphill*, θ ← θ + η m̂_t, while
   ρ_t < 5 (its rectified step size is set to -1 there and then applied as momentum SGD); ours does not move θ at all
-  then, as the original RAdam code. So that setting is tested against the transcription, the others against the peer
-  with `degenerated_to_sgd=True`.
+  then. So that setting is tested against the float64 transcription, the others against the peer with
+  `degenerated_to_sgd=True` (our default, as Less Wright's ranger2020.py and the original RAdam code).
+- Ranger at weight_decay=0 against a float64 transcription of ranger2020.py itself (with decay the two differ by
+  design: Wright scales the decay by the step size, ours is pytorch-optimizer's (1 - lr*wd) or L2).
 - Ranger21 with weight decay: pytorch-optimizer starts the sum of v̂ over all parameters at 1 instead of 0 (and has
   no ε), so its stable decay divides by √((1 + Σ v̂)/n) instead of √(Σ v̂/n). Settings with `weight_decay=0` are
   tested against the peer, those with decay against the transcription (and the peer against the transcription
@@ -48,7 +50,7 @@ def deviation(a, b): return max(max_deviation(x, y) for x, y in zip(a, b, strict
 # %% Ranger
 
 def ranger_reference(thetas, fns, steps, lr, betas=(0.95, 0.999), alpha=0.5, k=6, n_sma_threshold=5,
-                     degenerated_to_sgd=False, weight_decay=0.0, decoupled_wd=True, use_gc=True, gc_conv_only=False,
+                     degenerated_to_sgd=True, weight_decay=0.0, decoupled_wd=True, use_gc=True, gc_conv_only=False,
                      eps=1e-5):
     "The chapter's equations in float64, one tensor at a time (Ranger does not couple tensors)"
     beta1, beta2 = betas
@@ -91,14 +93,47 @@ def test_ranger_vs_peer(ours, theirs):
     assert dev < TOL, dev
 
 
-@pytest.mark.parametrize('hypers', [dict(), dict(weight_decay=0.1, k=4, alpha=0.8, betas=(0.9, 0.999))],
-                         ids=['defaults', 'decay-k4'])
-def test_ranger_no_step_before_rectification(hypers):
-    "degenerated_to_sgd=False: the peer steps uphill for ρ_t < 5, so compare with the float64 transcription"
+@pytest.mark.parametrize('hypers', [dict(degenerated_to_sgd=False),
+                                    dict(degenerated_to_sgd=False, weight_decay=0.1, k=4, alpha=0.8, betas=(0.9, 0.999)),
+                                    dict(weight_decay=0.1, decoupled_wd=False, gc_conv_only=True)],
+                         ids=['no-step', 'no-step-decay-k4', 'default-sgd-l2'])
+def test_ranger_vs_transcription(hypers):
+    "Against the chapter's equations in float64 (the peer's degenerated_to_sgd=False differs: see the module docstring)"
     ours, starts, fns = multi_run(lambda ps: Ranger(ps, lr=1e-2, **hypers), STEPS, torch.float32)
     assert deviation(ours, ranger_reference(starts, fns, STEPS, lr=1e-2, **hypers)) < TOL
-    peer, *_ = multi_run(lambda ps: pytorch_optimizer.Ranger(ps, lr=1e-2, foreach=False, **hypers), STEPS, torch.float32)
-    assert deviation(ours, peer) > 1e-3  # the uphill steps
+
+
+def wright_reference(thetas, fns, steps, lr, betas=(0.95, 0.999), alpha=0.5, k=6, n_sma_threshold=5, eps=1e-5):
+    "ranger2020.py (2020.9.4, gc_loc=True, weight_decay=0) in float64, one tensor at a time"
+    beta1, beta2 = betas
+    n_sma_max = 2 / (1 - beta2) - 1
+    runs = []
+    for theta, fn in zip(thetas, fns):
+        m, v, slow, its = torch.zeros_like(theta), torch.zeros_like(theta), theta.clone(), []
+        for t in range(1, steps + 1):
+            g = fn(theta, t)
+            if g.dim() > 1: g = g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True)
+            v = beta2 * v + (1 - beta2) * g * g
+            m = beta1 * m + (1 - beta1) * g
+            n_sma = n_sma_max - 2 * t * beta2 ** t / (1 - beta2 ** t)
+            if n_sma > n_sma_threshold:
+                step_size = math.sqrt((1 - beta2 ** t) * (n_sma - 4) / (n_sma_max - 4) * (n_sma - 2) / n_sma
+                                      * n_sma_max / (n_sma_max - 2)) / (1 - beta1 ** t)
+                theta = theta - step_size * lr * m / (v.sqrt() + eps)
+            else: theta = theta - lr / (1 - beta1 ** t) * m
+            if t % k == 0:
+                slow = slow + alpha * (theta - slow)
+                theta = slow.clone()
+            its.append(theta)
+        runs.append(its)
+    return [list(step) for step in zip(*runs)]
+
+
+@pytest.mark.parametrize('hypers', [dict(), dict(betas=(0.9, 0.99), k=4, alpha=0.8, eps=1e-8)], ids=['defaults', 'k4'])
+def test_ranger_vs_wright(hypers):
+    "Our defaults are Less Wright's Ranger (without weight decay)"
+    ours, starts, fns = multi_run(lambda ps: Ranger(ps, lr=1e-2, **hypers), STEPS, torch.float32)
+    assert deviation(ours, wright_reference(starts, fns, STEPS, lr=1e-2, **hypers)) < TOL
 
 
 # %% Ranger21

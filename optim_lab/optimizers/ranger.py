@@ -12,6 +12,7 @@ from ..core import (LabOptimizer, Range, Beta, NonNegative, FinitePositive, Flag
                             add, add_, addcmul_, sqrt, stochastic_round, check_hypers)
 from ..registry import register
 from ..toolkit.transforms import agc, centralize_gradient, normalize_gradient, norm_loss_grad
+from ..distributed import local_shard_like
 from ..toolkit.schedules import linear_warmup, explore_exploit
 from ..toolkit.wrappers import lookahead_sync_
 from .radam import radam_rho, rectifier_or_zero, radam_update
@@ -19,7 +20,7 @@ from .pnm import Beta0, pnm_update, _PositiveNegative
 from .sadam import softplus_denominator
 
 # %% auto #0
-__all__ = ['ranger_update', 'Ranger', 'ranger21_gradient', 'ranger21_lr', 'ranger21_update', 'Ranger21']
+__all__ = ['centralized', 'ranger_update', 'Ranger', 'ranger21_gradient', 'ranger21_lr', 'ranger21_update', 'Ranger21']
 
 # %% ../../nbs/29_ranger.ipynb #1b771a2f
 class _LookaheadSteps(LabOptimizer):
@@ -47,12 +48,19 @@ class _LookaheadSteps(LabOptimizer):
         return loss
 
 # %% ../../nbs/29_ranger.ipynb #b7f0cc10
+def centralized(grad: Tensor, gc_conv_only: bool = False) -> Tensor:
+    "Φ_GC(g): `grad` minus each unit's mean over dims 1… as a new tensor (tensors above 1-D, above 3-D with `gc_conv_only`)"
+    if grad.dim() <= (3 if gc_conv_only else 1): return grad
+    # the mean through var_mean, not mean (the same number): see "Compilation" in the notes at the end
+    mean = torch.var_mean(grad, dim=tuple(range(1, grad.dim())), keepdim=True, correction=0)[1]
+    return grad - local_shard_like(mean.expand(grad.shape), grad)   # laid out like `grad` (FSDP2)
+
 def ranger_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, lr: float,
                   beta1: float, beta2: float, eps: float, n_sma_threshold: float = 5.0,
-                  degenerated_to_sgd: bool = False, weight_decay: float = 0.0, decoupled_wd: bool = True,
+                  degenerated_to_sgd: bool = True, weight_decay: float = 0.0, decoupled_wd: bool = True,
                   use_gc: bool = True, gc_conv_only: bool = False) -> Tensor:
     "Ranger's fast step: RAdam on the centralised gradient; decays `p` in place, updates m and v, returns the direction"
-    if use_gc: centralize_gradient(grad := grad.clone(), gc_conv_only)  # Φ_GC(g_t), never the user's p.grad
+    if use_gc: grad = centralized(grad, gc_conv_only)                # Φ_GC(g_t), never the user's p.grad
     rectified = rectifier_or_zero(radam_rho(step, beta2), beta2, n_sma_threshold) > 0  # ρ_t > ρ_thr
     moves = True if degenerated_to_sgd else rectified               # else: no change at all until ρ_t > ρ_thr
     if decoupled_wd: p.mul_(1 - lr * weight_decay * moves)          # θ ← (1 − ηλ)θ
@@ -60,6 +68,7 @@ def ranger_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, 
     direction = radam_update(grad, exp_avg, exp_avg_sq, step=step, beta1=beta1, beta2=beta2, eps=eps,
                              rho_threshold=n_sma_threshold)         # r_t m̂_t l_t, or m̂_t
     return direction if degenerated_to_sgd else direction.mul_(rectified)
+
 
 # %% ../../nbs/29_ranger.ipynb #7a102c2c
 @register(paper='Ranger: RAdam + Lookahead (+ gradient centralization), Less Wright\'s optimizer (code and blog post)',
@@ -79,7 +88,7 @@ class Ranger(_LookaheadSteps):
                  alpha: float = 0.5,              # α: Lookahead's step from the slow towards the fast weights
                  k: int = 6,                      # Lookahead synchronises every k steps (an integer)
                  n_sma_threshold: float = 5,      # ρ_thr: the adaptive step starts once ρ_t > ρ_thr
-                 degenerated_to_sgd: bool = False,# while ρ_t ≤ ρ_thr: momentum SGD (True) or no change at all (False)
+                 degenerated_to_sgd: bool = True, # while ρ_t ≤ ρ_thr: momentum SGD (True, as Wright's code) or no change (False)
                  weight_decay: float = 0.0,       # λ
                  decoupled_wd: bool = True,       # θ ← (1 − ηλ)θ; False: L2, g ← Φ_GC(g) + λθ (pytorch-optimizer: weight_decouple)
                  use_gc: bool = True,             # centralise the gradient of every tensor with more than one dimension
