@@ -25,7 +25,7 @@ def diffgrad_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, previous_
     return friction.mul_(exp_avg).div_(denom).div_(1 - beta1 ** step)  # ξ_t m_hat / denom
 
 # %% ../../nbs/23_diffgrad.ipynb #a1c4474a
-@register(paper='diffGrad: An Optimization Method for Convolutional Neural Networks', year=2019,
+@register(paper='diffGrad: An Optimization Method for Convolutional Neural Networks', year=2020,
           url='https://arxiv.org/abs/1909.11015', chapter='23_diffgrad')
 class DiffGrad(LabOptimizer):
     "DiffGrad: Adam with its step scaled by the friction coefficient sigmoid(|g_{t-1} - g_t|) (pytorch-optimizer's API)"
