@@ -30,7 +30,7 @@ def madgrad_update(p: Tensor, grad: Tensor, grad_sum_sq: Tensor, grad_sum: Tenso
 
 # %% ../../nbs/24_madgrad.ipynb #c5469d2a
 @register(paper='Adaptivity without Compromise: A Momentumized, Adaptive, Dual Averaged Gradient Method for '
-                'Stochastic Optimization', year=2021, url='https://arxiv.org/abs/2101.11075', chapter='24_madgrad')
+                'Stochastic Optimization', year=2022, url='https://arxiv.org/abs/2101.11075', chapter='24_madgrad')
 class MADGRAD(LabOptimizer):
     "MADGRAD, with L2 (default) or decoupled weight decay applied after the dual-averaging step (pytorch-optimizer's API)"
     constraints = dict(momentum=Beta, eps=NonNegative)
