@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from optim_lab import create_optimizer, load_optimizer
+from optim_lab.distributed import leave_process_group
 from optim_lab.problems import digits_cnn, digits_data
 
 
@@ -95,13 +96,7 @@ def main():
         print(f"{summary['opt']} under {args.mode} on {summary['world_size']} ranks: loss {losses[0]:.3f} -> "
               f"{summary['final_loss']:.3f}, valid accuracy {acc:.3f}, {seconds:.1f} s")
         print(json.dumps(summary), flush=True)
-    shut_down()
-
-
-def shut_down():
-    "Leave together: no rank tears down its process group (rank 0's also hosts the store) while another still uses it"
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()  # together, and without Python's finalisation of gloo's objects
 
 
 if __name__ == '__main__':

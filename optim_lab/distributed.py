@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate
 
 # %% auto #0
-__all__ = ['free_port', 'run_ranks', 'full_tensor', 'local_shard_like', 'GatherMeter', 'bytes_gathered']
+__all__ = ['free_port', 'run_ranks', 'leave_process_group', 'full_tensor', 'local_shard_like', 'GatherMeter', 'bytes_gathered']
 
 # %% ../nbs/06_distributed.ipynb #8da9744f
 def free_port() -> int:
@@ -53,6 +53,15 @@ def _wait_all(procs, deadline: float) -> bool:
                 if p.poll() is None: p.kill()
         time.sleep(0.05)
     return timed_out
+
+# %% ../nbs/06_distributed.ipynb #b1bca8c3
+def leave_process_group(code: int = 0):
+    "End this rank: wait for every rank, destroy the process group, flush the output and exit without finalisation"
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(code)
 
 # %% ../nbs/06_distributed.ipynb #0596dacd
 def full_tensor(x: Tensor) -> Tensor:

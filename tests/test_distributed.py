@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from optim_lab.core import LabOptimizer
-from optim_lab.distributed import bytes_gathered, full_tensor, local_shard_like, run_ranks
+from optim_lab.distributed import bytes_gathered, full_tensor, leave_process_group, local_shard_like, run_ranks
 
 from conftest import ALL, ROUNDING_CHAOTIC, make_opt, opt_class
 
@@ -142,8 +142,7 @@ def worker(out_dir: str):
         r['fsdp'] = attempt(lambda: run_fsdp(name, mesh, x, y, mean_over_ranks, r, out_dir))
         r['ddp'] = attempt(lambda: run_ddp(name, x, y, mean_over_ranks))
     torch.save(results, Path(out_dir) / f'rank{rank}.pt')
-    dist.barrier()                  # leave together: rank 0 hosts the store the others still talk to
-    dist.destroy_process_group()
+    leave_process_group()           # together, and without Python's finalisation of gloo's objects
 
 
 def attempt(run):

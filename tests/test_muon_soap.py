@@ -371,6 +371,7 @@ def _dist_worker(out_dir):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from optim_lab.distributed import leave_process_group
     dist.init_process_group('gloo', timeout=timedelta(seconds=60))
     mesh = init_device_mesh('cpu', (dist.get_world_size(),))
     results = {}
@@ -381,8 +382,7 @@ def _dist_worker(out_dir):
                             for p in params for k, v in opt.state[p].items() if k in moments)
         results[name] = dict(weights=[p.full_tensor() for p in params], sharded_state=sharded_state)
     torch.save(results, Path(out_dir) / f'rank{dist.get_rank()}.pt')
-    dist.barrier()                  # leave together: rank 0 hosts the store the others still talk to
-    dist.destroy_process_group()
+    leave_process_group()           # together, and without Python's finalisation of gloo's objects
 
 
 def test_fsdp2_sharded_step_equals_one_process(tmp_path):
