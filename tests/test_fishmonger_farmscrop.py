@@ -6,8 +6,6 @@ import ast
 import inspect
 import math
 import os
-import subprocess
-from pathlib import Path
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 import pytest
@@ -17,10 +15,9 @@ from torch import nn
 from optim_lab.checks import noisy_quadratic, reference_check, run_optimizer, max_deviation
 from optim_lab.optimizers.fishmonger import FishMonger
 from optim_lab.optimizers.farmscrop import FARMSCrop, FARMSCropV2
+from clybius_upstream import upstream_class, upstream_source
 
 SHAPES = ((7,), (4, 5), (3, 2, 2, 2))
-UPSTREAM_GIT = Path('/work/.mirror/Clybius+Personalized-Optimizers/repo')
-COMMIT = 'bfa2fdd'
 
 
 # %% float64 transcriptions of upstream's FishMonger.py, FARMSCrop.py, FARMSCropV2.py (commit bfa2fdd), from the equations
@@ -144,20 +141,11 @@ def test_references_move():
         assert (ref(theta0.clone(), grad_fn, 60)[-1] - theta0).abs().max() > 1e-3, cls.__name__
 
 
-# %% against upstream's own source (read from the mirror with git; skipped when it is not there)
-
-def _upstream_source(name: str) -> str:
-    if not UPSTREAM_GIT.exists(): pytest.skip(f'the upstream mirror {UPSTREAM_GIT} is not on this machine')
-    try:
-        return subprocess.run(['git', f'--git-dir={UPSTREAM_GIT}', 'show', f'{COMMIT}:{name}.py'], capture_output=True,
-                              text=True, check=True).stdout
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        pytest.skip(f'cannot read {name}.py at {COMMIT} from {UPSTREAM_GIT}: {e}')
-
+# %% against upstream's own source (read with git from a copy of upstream, see clybius_upstream.py; skipped without one)
 
 def _upstream_defaults(name: str) -> dict:
     "The keyword defaults of upstream's `__init__`, parsed from its source text (not imported)"
-    tree = ast.parse(_upstream_source(name))
+    tree = ast.parse(upstream_source(f'{name}.py'))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
     init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == '__init__')
     names = [a.arg for a in init.args.args][-len(init.args.defaults):]
@@ -178,9 +166,7 @@ def test_defaults_equal_upstream(cls):
 @pytest.mark.parametrize('cls,label,hypers', SETTINGS, ids=IDS)
 def test_vs_upstream_class(cls, label, hypers):
     "Upstream's own class, executed from its source at bfa2fdd, beside ours in float64 (60 steps)"
-    ns = {}
-    exec(compile(_upstream_source(cls.__name__), f'{cls.__name__}.py@{COMMIT}', 'exec'), ns)
-    theirs_cls, worst = ns[cls.__name__], 0.0
+    theirs_cls, worst = upstream_class(f'{cls.__name__}.py', cls.__name__), 0.0
     for i, shape in enumerate(SHAPES):
         theta0, grad_fn = noisy_quadratic(shape, 60, i, 3.0)
         ours = run_optimizer(lambda ps: cls(ps, **hypers), theta0, grad_fn, 60)
@@ -190,14 +176,16 @@ def test_vs_upstream_class(cls, label, hypers):
 
 
 def test_upstream_v2_changes_the_callers_grad():
-    "The reason ours differs: upstream FARMSCropV2's step divides p.grad in place (ours: see test_grad_unchanged)"
-    ns = {}
-    exec(compile(_upstream_source('FARMSCropV2'), 'FARMSCropV2.py', 'exec'), ns)
-    p = torch.zeros(4, 3, requires_grad=True)
-    g = torch.randn(4, 3) * 10
+    """The reason ours differs: upstream FARMSCropV2's step divides p.grad in place, leaving a_t there (ours: see
+    test_grad_unchanged). On the first step R_1 = sqrt(Q_0) = 1, so a_1 = rms_clip(g, 1) = g / RMS(g) for RMS(g) > 1"""
+    torch.manual_seed(0)
+    p = torch.zeros(4, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 3, dtype=torch.float64) * 10
     p.grad = g.clone()
-    ns['FARMSCropV2']([p]).step()
-    assert not torch.equal(p.grad, g)
+    upstream_class('FARMSCropV2.py', 'FARMSCropV2')([p]).step()
+    rms = g.pow(2).mean().sqrt()
+    assert rms > 1
+    torch.testing.assert_close(p.grad, g / rms, rtol=1e-12, atol=0)
 
 
 # %% behaviour

@@ -6,23 +6,20 @@ import ast
 import inspect
 import math
 import os
-import subprocess
-from pathlib import Path
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 import pytest
 import torch
 from torch import nn
 
-from optim_lab.checks import reference_check
+from optim_lab.checks import max_deviation, noisy_quadratic, reference_check, run_optimizer
 from optim_lab.optimizers.fmarscrop import FMARSCrop, FMARSCropExMachina, FMARSCropV2
+from clybius_upstream import upstream_class, upstream_source
 
 SHAPES = ((7,), (4, 5), (3, 2, 2, 2))
 CLASSES = (FMARSCrop, FMARSCropExMachina, FMARSCropV2)
 UPSTREAM = {FMARSCrop: ('FMARSCrop.py', 'FMARSCrop'), FMARSCropExMachina: ('FMARSCrop_ExMachina.py', 'FMARSCrop_ExMachina'),
             FMARSCropV2: ('FMARSCropV2.py', 'FMARSCropV2')}
-MIRROR = Path(__file__).resolve().parents[2] / '.mirror' / 'Clybius+Personalized-Optimizers' / 'repo'
-COMMIT = 'bfa2fdd'
 
 
 # %% float64 transcription of upstream's three step rules (commit bfa2fdd), written from the equations
@@ -145,11 +142,10 @@ def test_reference_sees_the_options(cls):
 
 
 def _upstream_defaults(cls) -> dict:
-    if not MIRROR.exists(): pytest.skip(f'the upstream mirror {MIRROR} is not on this machine')
+    "The keyword defaults of upstream's `__init__`, parsed from its source text (read with git, see clybius_upstream.py)"
     path, name = UPSTREAM[cls]
-    src = subprocess.run(['git', f'--git-dir={MIRROR}', 'show', f'{COMMIT}:{path}'], capture_output=True, text=True)
-    if src.returncode: pytest.skip(f'git show {COMMIT}:{path} failed: {src.stderr.strip()}')
-    cdef = next(n for n in ast.parse(src.stdout).body if isinstance(n, ast.ClassDef) and n.name == name)
+    src = upstream_source(path)
+    cdef = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == name)
     init = next(n for n in cdef.body if isinstance(n, ast.FunctionDef) and n.name == '__init__')
     args = init.args.args[-len(init.args.defaults):]
     return {a.arg: ast.literal_eval(d) for a, d in zip(args, init.args.defaults)}
@@ -162,6 +158,22 @@ def test_defaults_equal_upstream(cls):
             if k not in ('params', 'kwargs', 'maximize')}
     assert ours == upstream
     assert UPSTREAM_DEFAULTS[cls] == upstream   # the transcription's defaults too
+
+
+@pytest.mark.parametrize('setting', ['defaults_lr', 'other'])
+@pytest.mark.parametrize('cls', CLASSES, ids=lambda c: c.__name__)
+def test_vs_upstream_class(cls, setting):
+    """Upstream's own class, executed from its source at bfa2fdd, beside ours in float64 (60 steps, three shapes):
+    independent of our reading of upstream, which the transcription above shares with the code"""
+    hypers = dict(defaults_lr=dict(lr=1e-2), other=OTHER[cls])[setting]
+    theirs_cls, worst = upstream_class(*UPSTREAM[cls]), 0.0
+    for i, shape in enumerate(SHAPES):
+        theta0, grad_fn = noisy_quadratic(shape, 60, i, 3.0)
+        ours = run_optimizer(lambda ps: cls(ps, **hypers), theta0, grad_fn, 60)
+        theirs = run_optimizer(lambda ps: theirs_cls(ps, **hypers), theta0, grad_fn, 60)
+        assert (theirs[-1] - theta0).abs().max() > 1e-3, 'upstream did not move'
+        worst = max(worst, max_deviation(ours, theirs))
+    assert worst < 1e-12, worst
 
 
 # %% behaviour
