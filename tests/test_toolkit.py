@@ -92,6 +92,37 @@ def test_centralize_out_of_place(shape, kappa):
     assert rel(out, expected) < 1e-12 and torch.equal(x, x0)
 
 
+@pytest.mark.parametrize('shape', [(4, 7), (4, 8), (16, 8), (256, 256), (3, 18), (4, 3, 3, 3), (4, 3, 5)], ids=str)
+def test_unit_mean_float32_against_float64(shape):
+    "var_mean's mean (the toolkit's unit mean) against the float64 mean, relative to each unit's largest entry"
+    x = randn(shape, 9) + 3
+    dims = tuple(range(1, x.dim()))
+    out = centralize(x, 1.0)
+    expected = x.double() - x.double().mean(dim=dims, keepdim=True)
+    assert ((out.double() - expected).abs() / x.abs().amax(dim=dims, keepdim=True)).max().item() < 1e-6
+
+
+def centred_momentum_step(p, g, m, kappa):
+    "The pattern of a centralising optimizer step: the centred gradient into a state buffer in place, then into p"
+    c = g.clone()
+    centralize_gradient(c)
+    m.mul_(0.9).add_(centralize(g, kappa) + c, alpha=0.1)
+    p.sub_(m)
+
+
+@pytest.mark.parametrize('shape', [(4, 8), (16, 8), (3, 18), (4, 3, 3, 3)], ids=str)
+def test_centralization_compiles_in_a_step(shape):
+    """torch 2.14.1's inductor raised KeyError 'bufN' on this pattern when the unit mean came from `mean` and rows had
+    >= 8 elements; compiled, it must run (fullgraph, the inductor backend) and agree with the eager step (float32)"""
+    torch._dynamo.reset()
+    p, g, m = randn(shape, 10), randn(shape, 11) + 1, randn(shape, 12)
+    p_eager, m_eager = p.clone(), m.clone()
+    centred_momentum_step(p_eager, g, m_eager, 0.5)
+    torch.compile(centred_momentum_step, fullgraph=True)(p, g, m, 0.5)
+    torch.testing.assert_close(m, m_eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(p, p_eager, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize('shape', SHAPES[1:], ids=str)
 @pytest.mark.parametrize('clip', [0.05, 1.0, 50.0])
 def test_rms_and_norm_clip_float64_transcription(shape, clip):

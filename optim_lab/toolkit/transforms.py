@@ -35,9 +35,8 @@ def agc(p: Tensor,                # the parameter (its units' norms set the boun
 
 # %% ../../nbs/50_transforms.ipynb #dd91e9cb
 def _unit_mean(x: Tensor) -> Tensor:
-    "Each unit's mean over dims 1… (one dim at a time), expanded to `x`'s shape and laid out like `x` (FSDP2)"
-    mean = x
-    for dim in range(x.dim() - 1, 0, -1): mean = mean.mean(dim=dim, keepdim=True)
+    "Each unit's mean over dims 1… (from `torch.var_mean`), expanded to `x`'s shape and laid out like `x` (FSDP2)"
+    mean = torch.var_mean(x, dim=tuple(range(1, x.dim())), keepdim=True, correction=0)[1]
     return local_shard_like(mean.expand(x.shape), x)
 
 # %% ../../nbs/50_transforms.ipynb #2ff8c0c4
