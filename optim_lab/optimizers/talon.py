@@ -13,12 +13,16 @@ from ..registry import register
 from ..toolkit.spectral import spectral_clip
 
 # %% auto #0
-__all__ = ['talon_level', 'talon_update', 'TALON']
+__all__ = ['one_minus_beta_hat', 'talon_level', 'talon_update', 'TALON']
 
 # %% ../../nbs/46_talon.ipynb #94b3bc72
-def _beta_hat(beta, step):
-    "β̂ = (β^t - β)/(β^t - 1): 0 at t = 1, rising to β"
-    return (beta ** step - beta) / (beta ** step - 1)
+def one_minus_beta_hat(beta, step):
+    "1 - β̂ = (1 - β)/(1 - β^t), with 1 - β^t = -expm1(t·log1p(-(1 - β))): no cancellation for β next to 1 in float32"
+    x = 1 - beta                                  # exact in floating point for β in [½, 1]
+    if isinstance(x, Tensor) or isinstance(step, Tensor):
+        x = torch.as_tensor(x, dtype=step.dtype if isinstance(step, Tensor) else None)
+        return x / -torch.expm1(step * torch.log1p(-x))
+    return 1.0 if x == 1 else x / -math.expm1(step * math.log1p(-x))
 
 def talon_level(value_momentum: Tensor, spectral_min, spectral_max) -> Tensor:
     "c_t: the value momentum with each matrix's singular values clipped, divided by the number of matrices (upstream)"
@@ -33,16 +37,16 @@ def talon_update(p: Tensor, grad: Tensor, sign_momentum: Tensor, value_momentum:
     g = grad / grad.pow(2).mean().sqrt().clamp_min(1)                            # ḡ_t
     sign_momentum.lerp_(g.sign(), 1 - beta1)                                     # s_t
     g = g.clamp(-255, 255)
-    b2 = _beta_hat(beta2, step)
-    add_(value_momentum.mul_(b2), g.abs(), alpha=1 - b2)                         # v_t
+    r2 = one_minus_beta_hat(beta2, step)                                         # 1 - β̂(β2, t)
+    add_(value_momentum.mul_(1 - r2), g.abs(), alpha=r2)                         # v_t
     level = talon_level(value_momentum, spectral_min, spectral_max) if spectral_clip and value_momentum.dim() > 0 else value_momentum  # c_t
     scale = stage2_emasq.sqrt()                                                  # sqrt(w_{t-1})
     if denom_atan2: direction = torch.atan2(level, scale).mul_(4 / math.pi)      # d_t
     else:
         bound = step ** 0.25
         direction = (level / scale.clamp_min(1e-16)).clamp(-bound, bound)
-    b3 = _beta_hat(beta3, step)
-    addcmul_(stage2_emasq.mul_(b3), g, g, value=1 - b3)                          # w_t
+    r3 = one_minus_beta_hat(beta3, step)
+    addcmul_(stage2_emasq.mul_(1 - r3), g, g, value=r3)                          # w_t
     direction.mul_(sign_momentum.abs().pow(signscale_power).mul_(sign_momentum.sign()))
     return add_(direction, p, alpha=weight_decay * weight_decay_rate ** step)
 
@@ -53,7 +57,7 @@ class TALON(LabOptimizer):
     "Sign and magnitude momenta kept apart; spectrally clipped level over a slow RMS (atan2), times the averaged sign"
     constraints = dict(betas=(Beta, Beta, Beta), weight_decay_rate=Range(0, 1), denom_atan2=Flag, spectral_clip=Flag,
                        spectral_min=Range(), spectral_max=Range(), signscale_power=NonNegative)
-    fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
+    fastai_hypers = {'betas__0': 'mom', 'betas__2': 'sqr_mom'}   # β1: the sign momentum; β3: w, the second moment
     handles_weight_decay = True         # λ r^t θ, added to the direction
     update_fn = staticmethod(talon_update)
     state_buffers = ('sign_momentum',)
