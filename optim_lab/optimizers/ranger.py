@@ -11,8 +11,7 @@ from torch import Tensor
 from ..core import (LabOptimizer, Range, Beta, NonNegative, FinitePositive, Flag, LOW_PRECISION,
                             add, add_, addcmul_, sqrt, stochastic_round, check_hypers)
 from ..registry import register
-from ..toolkit.transforms import agc, centralize_gradient, normalize_gradient, norm_loss_grad
-from ..distributed import local_shard_like
+from ..toolkit.transforms import agc, centralize, centralize_gradient, normalize_gradient, norm_loss_grad
 from ..toolkit.schedules import linear_warmup, explore_exploit
 from ..toolkit.wrappers import lookahead_sync_
 from .radam import radam_rho, rectifier_or_zero, radam_update
@@ -20,7 +19,7 @@ from .pnm import Beta0, pnm_update, _PositiveNegative
 from .sadam import softplus_denominator
 
 # %% auto #0
-__all__ = ['centralized', 'ranger_update', 'Ranger', 'ranger21_gradient', 'ranger21_lr', 'ranger21_update', 'Ranger21']
+__all__ = ['ranger_update', 'Ranger', 'ranger21_gradient', 'ranger21_lr', 'ranger21_update', 'Ranger21']
 
 # %% ../../nbs/29_ranger.ipynb #1b771a2f
 class _LookaheadSteps(LabOptimizer):
@@ -48,19 +47,12 @@ class _LookaheadSteps(LabOptimizer):
         return loss
 
 # %% ../../nbs/29_ranger.ipynb #b7f0cc10
-def centralized(grad: Tensor, gc_conv_only: bool = False) -> Tensor:
-    "Φ_GC(g): `grad` minus each unit's mean over dims 1… as a new tensor (tensors above 1-D, above 3-D with `gc_conv_only`)"
-    if grad.dim() <= (3 if gc_conv_only else 1): return grad
-    # the mean through var_mean, not mean (the same number): see "Compilation" in the notes at the end
-    mean = torch.var_mean(grad, dim=tuple(range(1, grad.dim())), keepdim=True, correction=0)[1]
-    return grad - local_shard_like(mean.expand(grad.shape), grad)   # laid out like `grad` (FSDP2)
-
 def ranger_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, lr: float,
                   beta1: float, beta2: float, eps: float, n_sma_threshold: float = 5.0,
                   degenerated_to_sgd: bool = True, weight_decay: float = 0.0, decoupled_wd: bool = True,
                   use_gc: bool = True, gc_conv_only: bool = False) -> Tensor:
     "Ranger's fast step: RAdam on the centralised gradient; decays `p` in place, updates m and v, returns the direction"
-    if use_gc: grad = centralized(grad, gc_conv_only)                # Φ_GC(g_t), never the user's p.grad
+    if use_gc and grad.dim() > (3 if gc_conv_only else 1): grad = centralize(grad)  # Φ_GC(g_t), a new tensor
     rectified = rectifier_or_zero(radam_rho(step, beta2), beta2, n_sma_threshold) > 0  # ρ_t > ρ_thr
     moves = True if degenerated_to_sgd else rectified               # else: no change at all until ρ_t > ρ_thr
     if decoupled_wd: p.mul_(1 - lr * weight_decay * moves)          # θ ← (1 − ηλ)θ
