@@ -16,7 +16,8 @@ from fastai.data.load import DataLoader
 from fastai.callback.core import Callback
 
 # %% auto #0
-__all__ = ['fastai_hp_map', 'opt_func', 'digits_dls', 'digits_learner', 'HyperRecorder', 'no_decay_splitter', 'Diagnostics']
+__all__ = ['fastai_hp_map', 'opt_func', 'digits_dls', 'digits_learner', 'HyperRecorder', 'no_decay_splitter', 'Diagnostics',
+           'EMACallback']
 
 # %% ../nbs/02_fastai.ipynb #e303509a
 def fastai_hp_map(cls: type) -> dict:
@@ -171,3 +172,34 @@ class Diagnostics(Callback):
             lr_ax.plot(self.iters, self.lrs, color='gray', ls=':', lw=2)
             lr_ax.set_ylabel('learning rate (dotted)')
         return fig
+
+# %% ../nbs/02_fastai.ipynb #716aed6d
+class EMACallback(Callback):
+    "Validate on an exponential moving average of the parameters, updated after every training step; train on the weights"
+    order = 95  # after callbacks that change the weights in `after_step`: the average sees the weights training goes on from
+
+    def __init__(self, decay: float = 0.999):  # β of `EMA`: the average looks back about 1/(1 - β) steps
+        from optim_lab.toolkit.ema import EMA
+        EMA([], decay)  # refuse a bad decay now, not at the first batch
+        self.decay, self.average, self._start, self._averaged = decay, None, False, None
+
+    def before_fit(self): self._start = True  # `learn.validate()` fires this too: start at the first training batch
+
+    def before_train(self):
+        if self._start:
+            from optim_lab.toolkit.ema import EMA
+            self.average, self._start = EMA(self.learn.model, self.decay), False
+
+    def after_step(self): self.average.update()
+
+    def before_validate(self):
+        if self.average is None: return  # no training yet: validate the weights
+        self._averaged = self.average.average_parameters()
+        self._averaged.__enter__()
+
+    def after_validate(self): self._put_back()
+    def after_fit(self): self._put_back()  # in case a validation ended without `after_validate`
+
+    def _put_back(self):
+        if self._averaged is not None: self._averaged.__exit__(None, None, None)
+        self._averaged = None
