@@ -13,14 +13,10 @@ from conftest import ALL, COMPILE_ATOL, make_opt, opt_class
 
 SHAPES = [(16, 8), (8,), (4, 3, 3, 3)]  # a weight, a bias, a conv kernel
 BENCHMARK_SHAPES = [(256, 256), (1024, 256), (256,)]  # the benchmark's mix
-# torch 2.14.1's inductor fails to compile these rules' graphs (KeyError 'bufN' in its loop fusion); the base steps them
-# eagerly with a CompileFallbackWarning. Expected failures, not strict: a rewrite of the construct makes them pass.
-INDUCTOR_FAILS = {'Ranger', 'FARMSCrop'}
-
-
-def ALL_COMPILING():
-    return [pytest.param(n, marks=pytest.mark.xfail(reason="torch 2.14.1's inductor fails on this rule (KeyError 'bufN')",
-                                                   strict=False)) if n in INDUCTOR_FAILS else n for n in ALL]
+# Every registered rule compiles on torch 2.14.1. A rule that inductor cannot compile falls back to eager with a
+# CompileFallbackWarning, an error here; its fix is a rewrite of the construct (e.g. the toolkit's unit mean uses
+# torch.var_mean, since a row mean from `mean` followed by in-place state updates made inductor raise KeyError 'bufN').
+# A known, unfixed compiler failure would be marked here as a non-strict xfail naming the construct.
 STEPS, SAVE_AT, WARM = 20, 10, 4
 
 
@@ -57,7 +53,7 @@ def close(a, b, what, atol=1e-4):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=atol, msg=lambda m: f'{what}, tensor {i}: {m}')
 
 
-@pytest.mark.parametrize('name', ALL_COMPILING())
+@pytest.mark.parametrize('name', ALL)
 @pytest.mark.filterwarnings('error::optim_lab.core.CompileFallbackWarning')  # falling back to eager is a failure here
 def test_compile_contract(name):
     cls = opt_class(name)
@@ -80,7 +76,7 @@ def test_compile_contract(name):
     close(eager, resumed, f'{name}: compile=True state_dict resumed eagerly', COMPILE_ATOL.get(name, 1e-4))
 
 
-@pytest.mark.parametrize('name', ALL_COMPILING())
+@pytest.mark.parametrize('name', ALL)
 @pytest.mark.filterwarnings('error::optim_lab.core.CompileFallbackWarning')
 def test_compiles_on_benchmark_shapes(name):
     "torch 2.14.1's inductor failed (KeyError 'buf1') on these shapes for rules that compiled on small ones: 3 steps"
