@@ -42,9 +42,12 @@ def factored_ema_(row: Tensor, col: Tensor, x: Tensor, beta) -> None:
     row.lerp_(_settled(_mean(x, -1)), 1 - beta)
     col.lerp_(_settled(_mean(x, -2)), 1 - beta)
 
-def factored_rsqrt(row: Tensor, col: Tensor) -> Tensor:
-    "V̂^(-1/2) for V̂ = R C / mean(R), as (R / mean R)^(-1/2) ⊗ C^(-1/2): V̂ itself is never formed"
-    return (row / _settled(_mean(row, -1)).unsqueeze(-1)).rsqrt().unsqueeze(-1) * col.unsqueeze(-2).rsqrt()
+def factored_rsqrt(row: Tensor, col: Tensor, like: Tensor | None = None) -> Tensor:
+    "V̂^(-1/2) for V̂ = R C / mean(R), as (R / mean R)^(-1/2) ⊗ C^(-1/2) (V̂ is never formed), laid out like `like`"
+    out = (row / _settled(_mean(row, -1)).unsqueeze(-1)).rsqrt().unsqueeze(-1) * col.unsqueeze(-2).rsqrt()
+    if like is not None and getattr(like, 'placements', None) is not None and out.placements != like.placements:
+        out = out.redistribute(like.device_mesh, like.placements)   # DTensor may pick another layout for the outer product
+    return out
 
 def rms(x: Tensor) -> Tensor:
     "The root-mean-square of the whole tensor"
@@ -68,7 +71,7 @@ def adafactor_update(grad: Tensor, exp_avg: Tensor | None, exp_avg_sq: Tensor | 
     g2 = grad.square() + eps1                                          # G² + ε1
     if exp_avg_sq is None:                                             # factored: R_t, C_t; U_t = G / sqrt(V̂_t)
         factored_ema_(exp_avg_sq_row, exp_avg_sq_col, g2, beta2_hat)
-        u = grad * factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col)
+        u = grad * factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col, like=grad)
     else:                                                              # 0-d and 1-d tensors: the full V̂_t
         u = grad * exp_avg_sq.lerp_(g2, 1 - beta2_hat).rsqrt()
     step = rms_clip(u, clip_threshold) * alpha                         # α_t Û_t
@@ -136,7 +139,7 @@ def came_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor | None, exp_av
     g2 = grad.square() + eps1                                          # g² + ε1
     if exp_avg_sq is None:
         factored_ema_(exp_avg_sq_row, exp_avg_sq_col, g2, beta2)       # r_t, c_t
-        u = grad * factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col)      # u_t = g / sqrt(v_t)
+        u = grad * factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col, grad)  # u_t = g / sqrt(v_t)
     else:
         u = grad * exp_avg_sq.lerp_(g2, 1 - beta2).rsqrt()
     u = rms_clip(u, clip_threshold)                                    # û_t
@@ -144,7 +147,7 @@ def came_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor | None, exp_av
     if exp_avg_sq is not None: return exp_avg
     instability = (u - exp_avg).square_() + eps2                       # U_t
     factored_ema_(exp_avg_res_row, exp_avg_res_col, instability, beta3)  # R_t, C_t
-    return exp_avg * factored_rsqrt(exp_avg_res_row, exp_avg_res_col)  # m_t / sqrt(S_t)
+    return exp_avg * factored_rsqrt(exp_avg_res_row, exp_avg_res_col, grad)  # m_t / sqrt(S_t)
 
 # %% ../../nbs/72_adafactor_came.ipynb #a5c6a8a1
 @register(paper='CAME: Confidence-guided Adaptive Memory Efficient Optimization', year=2023,
