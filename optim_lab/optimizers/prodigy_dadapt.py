@@ -15,7 +15,7 @@ from ..registry import register
 __all__ = ['group_number', 'DistanceAdaptive', 'adam_step_size', 'prodigy_update', 'prodigy_d', 'Prodigy', 'dadapt_adam_update',
            'dadapt_sgd_update', 'dadapt_d', 'DAdaptAdam', 'DAdaptSGD']
 
-# %% ../../nbs/71_prodigy_dadapt.ipynb #4e57d292
+# %% ../../nbs/71_prodigy_dadapt.ipynb #d56a13fe
 def group_number(x) -> float:
     "A group-wide sum as a Python number, the same on every rank: a sum over sharded `DTensor`s is all-reduced here"
     if isinstance(x, Tensor):
@@ -62,7 +62,7 @@ class DistanceAdaptive(LabOptimizer):
     def begin_group(self, group: dict):
         "Called once per group and step, before its first parameter is prepared"
 
-# %% ../../nbs/71_prodigy_dadapt.ipynb #025014fb
+# %% ../../nbs/71_prodigy_dadapt.ipynb #52f05960
 def adam_step_size(group: dict, step):
     "η d_k, times √(1−β2^t)/(1−β1^t) with `bias_correction` (Prodigy, D-Adapted Adam)"
     beta1, beta2 = group['betas']
@@ -83,7 +83,7 @@ def prodigy_d(d, d_max, d0, d_hat, growth_rate) -> tuple[float, float]:
     d_max = max(d_max, d_hat)
     return min(d_max, d * growth_rate), d_max
 
-# %% ../../nbs/71_prodigy_dadapt.ipynb #39a2d743
+# %% ../../nbs/71_prodigy_dadapt.ipynb #cbd89c2b
 @register(paper='Prodigy: An Expeditiously Adaptive Parameter-Free Learner', year=2024,
           url='https://arxiv.org/abs/2306.06101', chapter='71_prodigy_dadapt')
 class Prodigy(DistanceAdaptive):
@@ -146,7 +146,7 @@ class Prodigy(DistanceAdaptive):
         group['d'], group['d_max'] = prodigy_d(group['d'], group['d_max'], group['d0'], d_hat,
                                                group['growth_rate'])
 
-# %% ../../nbs/71_prodigy_dadapt.ipynb #46ccdb0b
+# %% ../../nbs/71_prodigy_dadapt.ipynb #9cc978b4
 def dadapt_adam_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: Tensor, *, d_lr, beta1,
                        beta2, eps) -> None:
     "One D-Adapted Adam step on `p` in place with step size d_lr = η_k d_k; updates m (which carries d_lr), v, s in place"
@@ -165,7 +165,7 @@ def dadapt_d(d, d_hat, growth_rate) -> float:
     "d_{k+1} = max(d_k, min(d̂, growth_rate · d_k))"
     return max(d, min(d_hat, d * growth_rate))
 
-# %% ../../nbs/71_prodigy_dadapt.ipynb #1310776c
+# %% ../../nbs/71_prodigy_dadapt.ipynb #be475528
 @register(paper='Learning-Rate-Free Learning by D-Adaptation', year=2023, url='https://arxiv.org/abs/2301.07733',
           chapter='71_prodigy_dadapt')
 class DAdaptAdam(DistanceAdaptive):
