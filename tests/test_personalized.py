@@ -1,5 +1,7 @@
 """FCompass and TALON (Clybius/Personalized-Optimizers at bfa2fdd): against float64 transcriptions of upstream's step
-rules, `p.grad` untouched, a small regression MLP trained, bf16 weights with fp32 state; and the spectral clip."""
+rules, `p.grad` untouched, a small regression MLP trained, bf16 weights with fp32 state; and the spectral clip.
+The transcriptions are written from the same reading of upstream as the classes (upstream's own classes are not run):
+they catch slips between the equations and the code, not a misreading of upstream."""
 from __future__ import annotations
 import math
 import os
