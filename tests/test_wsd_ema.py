@@ -18,6 +18,10 @@ from torch import nn
 
 from optim_lab import EMA, get_wsd_schedule, get_wsd_scheduler_lambda
 
+# fastai's own imports: torch.jit.script in its layers, a pandas option in fastai.tabular
+pytestmark = [pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning'),
+              pytest.mark.filterwarnings("ignore:The 'mode.chained_assignment' option is deprecated")]
+
 KINDS = ('cosine', '1-sqrt', 'linear', '1-square')
 W, S, D = 7, 11, 13        # uneven phase lengths, so an off-by-one in any boundary shows
 
