@@ -225,3 +225,15 @@ def test_resume_bit_exact(cls, hypers, compile):
             q.grad = (q.detach().double() + e).float()
         a.step(); b.step()
     assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+
+
+def test_bf16_step_leaves_the_gradient_alone():
+    "pytorch-optimizer's StableAdamW (Kahan summation, on by default for bf16) writes into p.grad; ours must not"
+    g = torch.tensor([1.0, -2.0, 3.0, -4.0], dtype=torch.bfloat16)
+    for make, keeps in ((StableAdamW, True), (pytorch_optimizer.StableAdamW, False)):
+        p = torch.ones(4, dtype=torch.bfloat16, requires_grad=True)
+        opt = make([p], lr=0.1)
+        p.grad = g.clone()
+        opt.step()
+        assert torch.equal(p.grad, g) == keeps, make
+        assert not torch.equal(p.detach(), torch.ones(4, dtype=torch.bfloat16))
