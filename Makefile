@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 1
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: test lab install system-packages sync-check nbtest pytest export outputs clean docs readme
+.PHONY: test lab lab-campaign lab-quick lab-check install system-packages sync-check nbtest pytest export outputs clean docs readme
 
 install: $(STAMP)
 
@@ -54,6 +54,17 @@ pytest: $(STAMP)
 ## The main job: benchmark every registered optimizer; tables (md, csv) and plots (png) go to $(OUT)/.
 lab: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m optim_lab.benchmark --out $(OUT) $(LAB_ARGS)
+
+## The lab's tuned campaign (chapter 92): both suites, every optimizer; each run is made once, into $(OUT)/runs.sqlite.
+lab-campaign: $(STAMP)
+	$(PY) -m optim_lab.lab --out $(OUT) --workers 2 $(LAB_ARGS)
+
+## A smoke run of the campaign (a few minutes), and the honesty check: 5 random stored runs made again.
+lab-quick: $(STAMP)
+	$(PY) -m optim_lab.lab --out $(OUT)/quick --quick --workers 2 $(LAB_ARGS)
+
+lab-check: $(STAMP)
+	$(PY) -m optim_lab.lab --out $(OUT) --check 5
 
 export: $(STAMP)
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean

@@ -18,8 +18,8 @@ from torch import nn, Tensor
 __all__ = ['TEST_FUNCTIONS', 'STDLIB_MODULES', 'VOCAB', 'rosenbrock', 'beale', 'get_test_function', 'run_2d', 'Problem',
            'parameters', 'Function2D', 'IllConditionedQuadratic', 'NoisyQuadratic', 'breast_cancer_data', 'digits_data',
            'digits_cnn', 'LogisticRegression', 'DigitsCNN', 'stdlib_text', 'char_data', 'windows',
-           'CausalSelfAttention', 'TransformerBlock', 'CharLM', 'char_transformer', 'CharTransformer', 'run_problem',
-           'problem_suite']
+           'CausalSelfAttention', 'TransformerBlock', 'CharLM', 'char_transformer', 'CharTransformer', 'evaluate',
+           'run_problem', 'problem_suite']
 
 # %% ../nbs/03_problems.ipynb #fa745d40
 def rosenbrock(x, y, a=1, b=100):
@@ -345,21 +345,30 @@ class CharTransformer(Problem):
         with torch.no_grad(): return self._xent(model, self.x_valid, self.y_valid).item()
 
 # %% ../nbs/03_problems.ipynb #3ceae713
+def evaluate(problem: Problem, params, opt) -> float:
+    "`problem.evaluate(params)`, at the optimizer's evaluation point if it has one (schedule-free methods: `opt.eval()`)"
+    if not callable(getattr(opt, 'eval', None)): return problem.evaluate(params)
+    opt.eval()
+    try: return problem.evaluate(params)
+    finally: opt.train()
+
 def run_problem(problem: Problem,
                 opt_factory: Callable,             # params (a list of tensors) -> optimizer
                 steps: int,
                 seed: int = 0,
-                eval_every: int | None = None) -> dict:  # also evaluate before step 1 and every `eval_every` steps
+                eval_every: int | None = None,     # also evaluate before step 1 and every `eval_every` steps
+                lr_lambda: Callable[[int], float] | None = None) -> dict:  # a schedule: lr factor after t steps (`LambdaLR`)
     """Train `problem` with the optimizer that `opt_factory` makes, for `steps` steps: `losses` (list of floats), `final`
     (float), `diverged` (bool), `seconds` and `cpu_seconds` (floats, training only: wall-clock and this process's CPU time), and with `eval_every` the curve `evals`: (step, metric) pairs"""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     params = problem.make_params(seed)
     opt = opt_factory(parameters(params))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) if lr_lambda else None
     create_graph = getattr(opt, 'needs_create_graph', False)  # AdaHessian differentiates the gradient again
     losses, evals, diverged, seconds, cpu_seconds = [], [], False, 0.0, 0.0
     def checkpoint(t):
-        if eval_every and t % eval_every == 0: evals.append((t, problem.evaluate(params) if not diverged else math.inf))
+        if eval_every and t % eval_every == 0: evals.append((t, evaluate(problem, params, opt) if not diverged else math.inf))
     checkpoint(0)
     for t in range(1, steps + 1):
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -371,12 +380,13 @@ def run_problem(problem: Problem,
             seen.append(loss.item())
             return loss
         opt.step(closure)
+        if schedule: schedule.step()
         seconds, cpu_seconds = seconds + time.perf_counter() - start, cpu_seconds + time.process_time() - cpu_start
         losses.append(seen[0])
         diverged = not math.isfinite(seen[0])
         if diverged: break
         checkpoint(t)
-    final = problem.evaluate(params) if not diverged else math.inf
+    final = evaluate(problem, params, opt) if not diverged else math.inf
     if not math.isfinite(final): diverged, final = True, math.inf
     if eval_every: evals += [(t, math.inf) for t in range(eval_every * (evals[-1][0] // eval_every + 1), steps + 1, eval_every)]
     out = dict(losses=losses, final=final, diverged=diverged, seconds=seconds, cpu_seconds=cpu_seconds)

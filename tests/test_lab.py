@@ -1,0 +1,95 @@
+"The lab's instrument (chapter 92): schedules against a hand loop, the store's keys, the protocol's fairness, the scores"
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from optim_lab import lab
+from optim_lab.problems import IllConditionedQuadratic, run_problem
+
+
+def test_scheduled_sgd_matches_a_hand_loop():
+    "run_problem's `lr_lambda` is the lr factor after t steps: SGD on a quadratic against the float64 recursion"
+    problem, steps, lr = IllConditionedQuadratic(dim=5, cond=10.0), 30, 0.05
+    factor = lab.warmup_cosine(steps, warmup=0.1)
+    r = run_problem(problem, lambda ps: torch.optim.SGD(ps, lr=lr), steps, lr_lambda=factor)
+    theta, ref = torch.zeros(5, dtype=torch.float64, requires_grad=True), []
+    for t in range(steps):
+        loss = 0.5 * (problem.root.double() @ (theta - problem.x_star.double())).pow(2).sum()   # in float64
+        ref.append(loss.item())
+        g, = torch.autograd.grad(loss, theta)
+        with torch.no_grad(): theta -= lr * factor(t) * g
+    np.testing.assert_allclose(r['losses'], ref, rtol=1e-5, atol=1e-7)
+
+
+def test_evaluation_happens_at_the_optimizers_evaluation_point():
+    "An optimizer with eval()/train() (schedule-free) is evaluated in eval mode and left in train mode"
+    calls = []
+    class Switching(torch.optim.SGD):
+        def eval(self): calls.append('eval')
+        def train(self): calls.append('train')
+    r = run_problem(IllConditionedQuadratic(dim=3), lambda ps: Switching(ps, lr=0.01), 4, eval_every=2)
+    assert calls == ['eval', 'train'] * 4          # checkpoints at 0, 2, 4 and the final value
+    assert len(r['evals']) == 3
+
+
+def test_every_optimizer_gets_the_same_points():
+    gru = lab.workload_named('digits_gru')
+    a, b = lab.trial_configs('AdamW', gru), lab.trial_configs('Muon', gru)
+    np.testing.assert_allclose([c['lr'] / lab.centre_lr('AdamW', gru) for c in a],
+                               [c['lr'] / lab.centre_lr('Muon', gru) for c in b], rtol=1e-12)
+    assert [c['weight_decay'] for c in a] == [c['weight_decay'] for c in b]
+    assert all(c['weight_decay'] == 0.0 for c in lab.trial_configs('AdamW', lab.workload_named('rosenbrock')))
+
+
+def test_weight_decay_enters_in_the_optimizers_own_form():
+    "Adam gets L2 decay, AdamW decoupled decay: one step from the same point differs as torch.optim's do"
+    for name, reference in (('Adam', torch.optim.Adam), ('AdamW', torch.optim.AdamW)):
+        p, q = (torch.ones(4, requires_grad=True) for _ in range(2))
+        ours = lab.optimizer_factory(name, dict(lr=0.1, weight_decay=0.5), steps=10)([p])
+        theirs = reference([q], lr=0.1, weight_decay=0.5)
+        for x, opt in ((p, ours), (q, theirs)):
+            x.grad = torch.full((4,), 0.2)
+            opt.step()
+        torch.testing.assert_close(p, q)
+
+
+def test_store_keys_follow_the_code():
+    "A task's key changes with the optimizer's source, its config and its seed, and with nothing else"
+    w, protocol = lab.workload_named('tabular_mlp'), lab.Protocol()
+    config = dict(lr=1e-3, weight_decay=0.0, schedule='warmup_cosine', warmup=0.05)
+    key = lambda name, cfg=config, seed=0: lab.task(name, w, cfg, seed, protocol)['key']
+    assert key('AdamW') == key('AdamW')
+    assert len({key('AdamW'), key('Adam'), key('AdamW', seed=1), key('AdamW', dict(config, lr=2e-3))}) == 4
+    assert lab.source_of('Adam') != lab.source_of('Lion')
+
+
+def test_store_resumes(tmp_path):
+    store = lab.Store(tmp_path / 'runs.sqlite')
+    t = lab.task('AdamW', lab.workload_named('rosenbrock'), dict(lr=1e-3, schedule='constant', warmup=0.0), 0,
+                 lab.Protocol(), steps=5)
+    first = lab.execute([t], store, progress=False)
+    assert len(store) == 1 and lab.Store(tmp_path / 'runs.sqlite').get(t['key']) == first[0]
+    assert lab.execute([t, t], store, progress=False) == first * 2 and len(store) == 1
+
+
+def test_profile_scores_by_hand():
+    rows = [dict(optimizer='A', workload='w', cost_steps=10.0), dict(optimizer='B', workload='w', cost_steps=20.0)]
+    taus = np.geomspace(1, lab.TAU_MAX, 64)
+    scores = lab.profile_scores(rows)
+    assert scores['A'] == 1.0
+    assert scores['B'] == pytest.approx(np.mean(taus >= 2))
+
+
+def test_targets_and_time_to_target():
+    rows = [dict(optimizer='AdamW', workload='w', finals=[1.0, 1.2, 1.1], cpu_per_step=1.0,
+                 curves=[[(0, 3.0), (10, 1.5), (20, 1.0)]] * 3),
+            dict(optimizer='Shampoo', workload='w', finals=[0.9] * 3, cpu_per_step=4.0,
+                 curves=[[(0, 3.0), (10, 1.0), (20, 0.9)]] * 3)]
+    goal = lab.targets(rows)
+    assert goal['w'] == pytest.approx(1.1 + 2 * 0.1)                    # median + 2 seed SDs of the best baseline
+    timed = {r['optimizer']: r for r in lab.time_to_target(rows, goal)}
+    assert timed['AdamW']['steps'] == 20 and timed['Shampoo']['steps'] == 10
+    assert timed['Shampoo']['cost_steps'] == 40                         # 10 steps at 4x AdamW's step cost
+    assert math.isinf(lab.steps_to_target([(0, 0.1), (5, 2.0)], 1.0))   # the start does not count
