@@ -386,3 +386,26 @@ def test_callback_pickles_by_name():
     cb = schedule_free.ScheduleFreeCallback()
     assert type(pickle.loads(pickle.dumps(cb))) is schedule_free.ScheduleFreeCallback
     with pytest.raises(AttributeError): schedule_free.NoSuchCallback
+
+
+def test_recompute_batchnorm_averages_the_batch_statistics():
+    "The running mean and variance become the plain means of the n batches' mean and unbiased variance; mode and momentum restored"
+    from optim_lab.optimizers.schedule_free import recompute_batchnorm
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).eval()
+    batches = [(torch.randn(8, 3) * (i + 1), torch.zeros(8)) for i in range(5)]
+    recompute_batchnorm(model, batches, 3)
+    h = [model[0](x).detach() for x, _ in batches[:3]]
+    torch.testing.assert_close(model[1].running_mean, torch.stack([b.mean(0) for b in h]).mean(0))
+    torch.testing.assert_close(model[1].running_var, torch.stack([b.var(0) for b in h]).mean(0))
+    assert not model.training and model[1].momentum == 0.1
+
+
+def test_callback_with_bn_batches_fits():
+    from fastai.callback.progress import ProgressCallback  # noqa: F401 (Learner.no_bar)
+    from optim_lab.fastai import digits_learner
+    from optim_lab.optimizers.schedule_free import ScheduleFreeCallback
+    with pytest.raises(ValueError, match='bn_batches'): ScheduleFreeCallback(bn_batches=-1)
+    learn = digits_learner(ScheduleFreeSGD, lr=0.5, cbs=ScheduleFreeCallback(bn_batches=5))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.5)
+    assert learn.recorder.values[-1][2] > 0.5 and learn.opt.opt.param_groups[0]['train_mode'] is False

@@ -15,7 +15,7 @@ from ..registry import register
 # %% auto #0
 __all__ = ['Interpolation', 'FiniteReal', 'warmup_factor', 'averaging_weight', 'schedule_free_move_', 'schedule_free_sgd_update',
            'schedule_free_adamw_update', 'radam_rectifier', 'schedule_free_radam_update', 'ScheduleFreeOptimizer',
-           'ScheduleFreeSGD', 'ScheduleFreeAdamW', 'ScheduleFreeRAdam']
+           'ScheduleFreeSGD', 'ScheduleFreeAdamW', 'ScheduleFreeRAdam', 'recompute_batchnorm']
 
 # %% ../../nbs/70_schedule_free.ipynb #8d2c94d0
 Interpolation = Range(0, 1, lo_open=True, hi_open=True)   # β in (0, 1): x = (y - (1 - β) z) / β needs β > 0
@@ -221,13 +221,31 @@ class ScheduleFreeRAdam(ScheduleFreeOptimizer):
                        weight_decay=group['weight_decay'], r=group['r'], weight_lr_power=group['weight_lr_power'],
                        silent_sgd_phase=group['silent_sgd_phase'])
 
-# %% ../../nbs/70_schedule_free.ipynb #6c6d156c
+# %% ../../nbs/70_schedule_free.ipynb #d4d2eb8a
+@torch.no_grad()
+def recompute_batchnorm(model: torch.nn.Module, batches, n: int, n_inp: int = 1):
+    "Replace every BatchNorm's running statistics by their plain average over the first `n` of `batches` at the current weights"
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms: return
+    momenta, was_training = [m.momentum for m in norms], model.training
+    for m in norms: m.reset_running_stats(); m.momentum = None           # momentum None: a cumulative average
+    model.train()
+    for _, batch in zip(range(n), batches): model(*batch[:n_inp])
+    for m, momentum in zip(norms, momenta): m.momentum = momentum
+    model.train(was_training)
+
 def _schedule_free_callback_class():
     "Define `ScheduleFreeCallback` on first use: importing the optimizers must not import fastai"
     from fastai.callback.core import Callback
 
     class ScheduleFreeCallback(Callback):
         "Train on y and validate on the average x of a schedule-free optimizer: `.train()` before training, `.eval()` before validation"
+        def __init__(self,
+                     bn_batches: int = 0):  # before each validation, recompute BatchNorm statistics at x from this many training batches
+            if not (isinstance(bn_batches, int) and bn_batches >= 0):
+                raise ValueError(f"ScheduleFreeCallback: bn_batches={bn_batches!r} must be an integer >= 0")
+            self.bn_batches = bn_batches
+
         def _schedule_free(self):
             "The torch optimizer (inside fastai's `OptimWrapper`), or None before the first `fit`"
             opt = getattr(self.learn, 'opt', None)
@@ -243,7 +261,10 @@ def _schedule_free_callback_class():
             if (opt := self._schedule_free()) is not None: opt.train()
 
         def before_validate(self):
-            if (opt := self._schedule_free()) is not None: opt.eval()
+            if (opt := self._schedule_free()) is None: return
+            opt.eval()
+            if self.bn_batches: recompute_batchnorm(self.learn.model, self.learn.dls.train, self.bn_batches,
+                                                    getattr(self.learn.dls, 'n_inp', 1))
 
     ScheduleFreeCallback.__module__ = __name__                  # `learn.export` pickles it by this module's name
     return ScheduleFreeCallback
