@@ -43,7 +43,7 @@ def adam_mini_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step,
     return exp_avg / bias_correction1 / per_block(denom, grad)
 
 # %% ../../nbs/73_adam_mini.ipynb #4255b5d9
-@register(paper='Adam-mini: Use Fewer Learning Rates To Gain More', year=2024,
+@register(paper='Adam-mini: Use Fewer Learning Rates To Gain More', year=2025,
           url='https://arxiv.org/abs/2406.16793', chapter='73_adam_mini')
 class AdamMini(LabOptimizer):
     "Adam-mini: Adam with one second moment per tensor (or per `blocks` slices of its first dim): half of Adam's state"
