@@ -60,3 +60,5 @@ class Adan(LabOptimizer):
                               state['previous_grad'], step=state['step'], lr=group['lr'], beta1=beta1, beta2=beta2,
                               beta3=beta3, eps=group['eps'], weight_decay=group['weight_decay'],
                               decoupled_wd=group['decoupled_wd'])
+
+Adan.info['family'] = 'diagonal adaptive'   # the benchmark's grouping (chapter 90)

@@ -69,6 +69,8 @@ class StableAdamW(LabOptimizer):
                               beta1=beta1, beta2=beta2, eps=group['eps'], weight_decay=group['weight_decay'],
                               decoupled_wd=group['decoupled_wd'], clip_factor=state['clip_factor'])
 
+StableAdamW.info['family'] = 'diagonal adaptive'   # the benchmark's grouping (chapter 90)
+
 # %% ../../nbs/75_stable_adamw_spam.ipynb #4deeda10
 def cos(x):
     "cos x of a number (eager) or a 0-d tensor (compiled)"
@@ -133,3 +135,5 @@ class SPAM(LabOptimizer):
                               decoupled_wd=group['decoupled_wd'], threshold=group['threshold'],
                               grad_accu_steps=group['grad_accu_steps'], update_proj_gap=group['update_proj_gap'],
                               warmup_epoch=group['warmup_epoch'])
+
+SPAM.info['family'] = 'diagonal adaptive'   # the benchmark's grouping (chapter 90)
