@@ -267,6 +267,7 @@ def _schedule_free_callback_class():
                                                     getattr(self.learn.dls, 'n_inp', 1))
 
     ScheduleFreeCallback.__module__ = __name__                  # `learn.export` pickles it by this module's name
+    ScheduleFreeCallback.__qualname__ = 'ScheduleFreeCallback'
     return ScheduleFreeCallback
 
 _built = {}
@@ -274,7 +275,5 @@ _built = {}
 def __getattr__(name: str):
     "`from optim_lab.optimizers.schedule_free import ScheduleFreeCallback` builds the callback class on first use"
     if name != 'ScheduleFreeCallback': raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name not in _built:
-        _built[name] = _schedule_free_callback_class()
-        _built[name].__qualname__ = name
+    if name not in _built: _built[name] = _schedule_free_callback_class()
     return _built[name]
