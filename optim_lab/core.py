@@ -311,11 +311,21 @@ def _group_step(opt, params, states, group, hypers, steps, decay):
     for i, (p, state) in enumerate(zip(params, states)):
         opt._step_param(p, group, {**state, 'step': steps[i]}, hypers, decay)
 
+def _forget_traced_main():
+    """Drop dynamo's memo of the module called `__main__`: torch 2.14 caches `importlib.import_module` results while
+    tracing, and a runner that starts a new `__main__` (IPython, a notebook test runner running several notebooks in
+    one process) would leave it looking up the previous one's globals"""
+    memo = getattr(getattr(torch._dynamo, 'symbolic_convert', None), '_import_module', None)
+    if hasattr(memo, 'cache_clear'): memo.cache_clear()
+
 def _compile_group_step(opt: LabOptimizer):
-    "This optimizer's own copy of `_group_step` (dynamo caches per code object), compiled as one graph per group"
+    """This optimizer's own copy of `_group_step`, compiled as one graph per group: its own code object (dynamo caches
+    per code object) and its own globals (dynamo keeps the modules it imports while tracing, such as a notebook's
+    `__main__`, in the traced function's globals: shared ones would carry one notebook's `__main__` into the next)"""
     code = _group_step.__code__.replace(co_name=f'{type(opt).__name__}_step')
-    fn = types.FunctionType(code, _group_step.__globals__, code.co_name)
+    fn = types.FunctionType(code, dict(_group_step.__globals__), code.co_name)
     backend = opt.compile if isinstance(opt.compile, str) else 'inductor'
+    _forget_traced_main()
     return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
 
 def _compiled_group_step(opt: LabOptimizer, group: dict, params: list):
