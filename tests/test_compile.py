@@ -14,9 +14,9 @@ from conftest import ALL, COMPILE_ATOL, make_opt, opt_class
 SHAPES = [(16, 8), (8,), (4, 3, 3, 3)]  # a weight, a bias, a conv kernel
 BENCHMARK_SHAPES = [(256, 256), (1024, 256), (256,)]  # the benchmark's mix
 # Every registered rule compiles on torch 2.14.1. A rule that inductor cannot compile falls back to eager with a
-# CompileFallbackWarning, an error here; its fix is a rewrite of the construct (e.g. the toolkit's unit mean uses
-# torch.var_mean, since a row mean from `mean` followed by in-place state updates made inductor raise KeyError 'bufN').
-# A known, unfixed compiler failure would be marked here as a non-strict xfail naming the construct.
+# CompileFallbackWarning, an error here; its fix is a rewrite of the construct (the toolkit's unit mean uses
+# torch.var_mean when compiling: a row mean from `mean` followed by in-place state updates made inductor raise
+# KeyError 'bufN'). A known, unfixed compiler failure would be marked here as a non-strict xfail naming the construct.
 STEPS, SAVE_AT, WARM = 20, 10, 4
 
 

@@ -35,8 +35,10 @@ def agc(p: Tensor,                # the parameter (its units' norms set the boun
 
 # %% ../../nbs/50_transforms.ipynb #dd91e9cb
 def _unit_mean(x: Tensor) -> Tensor:
-    "Each unit's mean over dims 1… (from `torch.var_mean`), expanded to `x`'s shape and laid out like `x` (FSDP2)"
-    mean = torch.var_mean(x, dim=tuple(range(1, x.dim())), keepdim=True, correction=0)[1]
+    "Each unit's mean over dims 1… (`var_mean`'s when compiling, else `mean`), expanded to `x`'s shape and laid out like `x` (FSDP2)"
+    dims = tuple(range(1, x.dim()))
+    if torch.compiler.is_compiling(): mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)[1]  # inductor compiles it
+    else: mean = x.mean(dim=dims, keepdim=True)
     return local_shard_like(mean.expand(x.shape), x)
 
 # %% ../../nbs/50_transforms.ipynb #2ff8c0c4
