@@ -4,3 +4,5 @@
 # when a module is added there.
 from .first_order import *
 from .second_order import *
+from .clipping_averaging import *
+from .conjugate_gradient import *
