@@ -87,7 +87,7 @@ class Adam(Module):
 
 # %% ../../nbs/61_modules.ipynb #9f6ae004
 class RMSprop(Module):
-    "Divide by the root of a moving average of squares: u / (√(v − m²) + ε), as torch.optim.RMSprop"
+    "Divide by the root of a moving average of squares: u / (√(v − m²) + ε), as torch.optim.RMSprop; `inner` modules rewrite the numerator"
     tensorwise = True
     constraints = dict(smoothing=Beta, eps=NonNegative, centered=Flag, debias=Flag, amsgrad=Flag,
                        init=OneOf(('zeros', 'update')))
@@ -96,15 +96,36 @@ class RMSprop(Module):
                  centered: bool = False,          # subtract the squared moving average m² of u from v
                  debias: bool = False,            # divide v (and m) by 1 − β^t
                  amsgrad: bool = False,           # use max_{s≤t} v_s
-                 init: Literal['zeros', 'update'] = 'zeros'):  # v₀ = 0, or the first update's square
+                 init: Literal['zeros', 'update'] = 'zeros',  # v₀ = 0, or the first update's square
+                 inner=None,                      # modules applied to the update after v is updated, before the division
+                 exp_avg_sq_tfm=None,             # modules applied to (debiased) v before the root
+                 *, debiased: bool | None = None):  # the spelling of torchzero's README: the same as `debias`
+        from optim_lab.modular.ops import _as_chain
+        if debiased is not None:
+            if debiased != debias and debias: raise ValueError(f"RMSprop: debias={debias!r} and debiased={debiased!r} disagree")
+            debias = debiased
         super().__init__(dict(smoothing=smoothing, eps=eps, centered=centered, debias=debias, amsgrad=amsgrad, init=init))
+        self.inner = None if inner is None else _as_chain('RMSprop', 'inner', inner, numbers_ok=False)
+        self.exp_avg_sq_tfm = None if exp_avg_sq_tfm is None else _as_chain('RMSprop', 'exp_avg_sq_tfm', exp_avg_sq_tfm, numbers_ok=False)
+        self.tensorwise = all(m.tensorwise for m in (self.inner or []) + (self.exp_avg_sq_tfm or []))
+
+    def children(self): return (self.inner or []) + (self.exp_avg_sq_tfm or [])
+    def check_setting(self, name, value):
+        super().check_setting(name, value)
+        for m in self.children(): m.check_setting(name, value)
+    def reset(self):
+        super().reset()
+        for m in self.children(): m.reset()
+
     def step(self, var):
-        for p, u, s in zip(var.params, var.get_update(), self.settings(var)):
+        from optim_lab.modular.ops import _run_chain
+        update, settings, second, first = var.get_update(), self.settings(var), [], []
+        for p, u, s in zip(var.params, update, settings):
             state, beta = self.state(p), s['smoothing']
             if not state:
-                first = s['init'] == 'update'
-                state['exp_avg_sq'] = u * u if first else torch.zeros_like(u)
-                if s['centered']: state['exp_avg'] = u.clone() if first else torch.zeros_like(u)
+                start = s['init'] == 'update'
+                state['exp_avg_sq'] = u * u if start else torch.zeros_like(u)
+                if s['centered']: state['exp_avg'] = u.clone() if start else torch.zeros_like(u)
             t = _count(state)
             v = state['exp_avg_sq'].mul_(beta).addcmul_(u, u, value=1 - beta)
             if s['amsgrad']:
@@ -113,6 +134,10 @@ class RMSprop(Module):
             m = state['exp_avg'].lerp_(u, 1 - beta) if s['centered'] else None
             if s['debias']:
                 v, m = v / (1 - beta ** t), (m / (1 - beta ** t) if m is not None else None)
+            second.append(v); first.append(m)
+        if self.inner: update = var.update = _run_chain(self, 'inner', self.inner, var)   # after v saw the raw update
+        if self.exp_avg_sq_tfm: second = _run_chain(self, 'exp_avg_sq', self.exp_avg_sq_tfm, var, update=second)
+        for u, v, m, s in zip(update, second, first, settings):
             if m is not None: v = v.addcmul(m, m, value=-1)
             u.div_(v.sqrt().add_(s['eps']))
         return var

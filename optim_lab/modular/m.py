@@ -6,3 +6,4 @@ from .first_order import *
 from .second_order import *
 from .clipping_averaging import *
 from .conjugate_gradient import *
+from .ops import *
