@@ -295,9 +295,9 @@ LabOptimizer._begin_step, LabOptimizer._decay, LabOptimizer._step_param = _begin
 
 # %% ../nbs/00_core.ipynb #c0a1e005
 def _traced_hypers(opt: LabOptimizer, group: dict, params: list):
-    "The compiled step's inputs: the group's numbers as 0-d tensors of the parameters' dtype, and the step counts"
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    "The compiled step's inputs: the group's numbers and the step counts as float64 0-d tensors (exact scalar math)"
     device = params[0].device
+    dtype = torch.float32 if device.type == 'mps' else torch.float64   # (Apple's GPUs have no float64)
     def traced(k, v):
         if k in opt.static_hypers or isinstance(v, bool) or not isinstance(v, numbers.Real): return v
         return torch.tensor(v, dtype=dtype, device=device)
