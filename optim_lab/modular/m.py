@@ -6,4 +6,5 @@ from .first_order import *
 from .second_order import *
 from .clipping_averaging import *
 from .conjugate_gradient import *
+from .gradient_estimators import *
 from .ops import *

@@ -17,7 +17,7 @@ from .chain import Module, Var
 __all__ = ['LineSearch', 'armijo', 'backtracking_search', 'Backtracking', 'cubic_minimizer', 'strong_wolfe_search', 'StrongWolfe',
            'PolyakStepSize', 'initial_step_size', 'bfgs_inverse_update_', 'bfgs_update_', 'sr1_update_', 'QuasiNewton',
            'BFGS', 'SR1', 'lbfgs_two_loop', 'LBFGS', 'hessian', 'newton_solve', 'Newton', 'conjugate_gradient',
-           'NewtonCG', 'directional_derivative', 'GradApproximator', 'FDM', 'SPSA']
+           'fd_forward_hvp', 'NewtonCG', 'directional_derivative', 'GradApproximator', 'FDM', 'SPSA']
 
 # %% ../../nbs/62_second_order.ipynb #932580c0
 def _flatten(ts: list[Tensor]) -> Tensor:
@@ -658,16 +658,32 @@ def conjugate_gradient(A: Callable[[Tensor], Tensor], # v -> A v, A symmetric
     return x
 
 # %% ../../nbs/62_second_order.ipynb #785da4ea
+def fd_forward_hvp(closure,              # closure(backward): its backward writes the gradient into `p.grad`
+                   params: list[Tensor],
+                   g0: Tensor,           # the gradient at the current point, flattened
+                   v: Tensor,            # the vector, flattened
+                   h: float) -> Tensor:
+    "H v ≈ ‖v‖ (∇f(x + h v/‖v‖) − ∇f(x)) / h: one gradient evaluation per product; the parameters are restored exactly"
+    vn = torch.linalg.vector_norm(v)
+    if vn == 0: return torch.zeros_like(v)
+    x0 = [p.detach().clone() for p in params]
+    step = _unflatten_(v * (h / vn), [torch.empty_like(p) for p in params])
+    for p, x, dx in zip(params, x0, step): p.copy_(x + dx)
+    with torch.enable_grad(): closure(True)
+    g1 = _flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+    for p, x in zip(params, x0): p.copy_(x)
+    return (g1 - g0) * (vn / h)
+
 class NewtonCG(Module):
     "Newton's method with the system H d = update solved by conjugate gradients on Hessian-vector products (torchzero's `NewtonCG`)"
     def __init__(self,
                  maxiter: int | None = None,  # most CG iterations (None: the number of parameters; fewer: truncated Newton)
                  tol: float | Literal['forcing'] = 'forcing', # CG stops when ‖r‖ < tol; 'forcing': min(0.5, √‖b‖)·‖b‖ (N&W Alg. 7.1)
                  reg: float = 1e-8,           # λ added to the Hessian's diagonal
-                 hvp_method: Literal['autograd'] = 'autograd', # how H v is computed
+                 hvp_method: Literal['autograd', 'fd_forward'] = 'autograd', # H v by autograd, or by a forward difference of gradients
                  solver: Literal['cg'] = 'cg', # the linear solver
                  npc_terminate: bool = True,  # stop CG at negative curvature (N&W Alg. 7.1; torchzero's default: False)
-                 h: float = 1e-3,             # torchzero's, for its finite-difference products (not offered here)
+                 h: float = 1e-3,             # step of the 'fd_forward' product, along v/‖v‖
                  miniter: int = 1,            # fewest CG iterations
                  warm_start: bool = False,    # start CG from the previous step's solution
                  warm_beta: float = 0,        # EMA of the warm start: x₀ ← lerp(x₀, d, 1 − warm_beta)
@@ -676,7 +692,7 @@ class NewtonCG(Module):
         hypers = dict(maxiter=maxiter, tol=tol, reg=reg, hvp_method=hvp_method, solver=solver, npc_terminate=npc_terminate,
                       h=h, miniter=miniter, warm_start=warm_start, warm_beta=warm_beta)
         if tol != 'forcing': check_hypers('NewtonCG', hypers, dict(tol=NonNegative))
-        check_hypers('NewtonCG', hypers, dict(reg=NonNegative, hvp_method=OneOf(('autograd',)),
+        check_hypers('NewtonCG', hypers, dict(reg=NonNegative, hvp_method=OneOf(('autograd', 'fd_forward')),
                      solver=OneOf(('cg',)), npc_terminate=Flag, miniter=Range(0), warm_start=Flag, warm_beta=Range(0, 1)))
         super().__init__(hypers)
 
@@ -684,14 +700,20 @@ class NewtonCG(Module):
     def step(self, var: Var) -> Var:
         if var.closure is None: raise ValueError("NewtonCG needs a closure (Hessian-vector products): opt.step(closure)")
         s = self.defaults
-        _, grads = _loss_and_grad_graph(var)
-        with torch.enable_grad(): g = _flatten(grads)
-        def Hv(v: Tensor) -> Tensor:
-            self.global_state['hvps'] = self.global_state.get('hvps', 0) + 1   # Hessian-vector products so far (torchzero's `_num_hvps`)
-            if not g.requires_grad: return s['reg'] * v
-            with torch.enable_grad():
-                hv = torch.autograd.grad(g, var.params, v, retain_graph=True, allow_unused=True, materialize_grads=True)
-            return _flatten(hv) + s['reg'] * v
+        if s['hvp_method'] == 'fd_forward':
+            g0 = _flatten(var.get_grad())
+            def Hv(v: Tensor) -> Tensor:
+                self.global_state['hvps'] = self.global_state.get('hvps', 0) + 1
+                return fd_forward_hvp(var.closure, var.params, g0, v, s['h']) + s['reg'] * v
+        else:
+            _, grads = _loss_and_grad_graph(var)
+            with torch.enable_grad(): g = _flatten(grads)
+            def Hv(v: Tensor) -> Tensor:
+                self.global_state['hvps'] = self.global_state.get('hvps', 0) + 1   # Hessian-vector products so far (torchzero's `_num_hvps`)
+                if not g.requires_grad: return s['reg'] * v
+                with torch.enable_grad():
+                    hv = torch.autograd.grad(g, var.params, v, retain_graph=True, allow_unused=True, materialize_grads=True)
+                return _flatten(hv) + s['reg'] * v
         u = var.get_update()
         x0 = _flatten([self.state(p)['prev_x'] for p in var.params]) if s['warm_start'] and 'prev_x' in self.state(var.params[0]) else None
         b = _flatten(u)
