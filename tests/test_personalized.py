@@ -223,7 +223,7 @@ def _talon_late_step(compile):
 
 
 def test_talon_compiled_matches_eager_at_default_beta3():
-    "w's increment (1 - β̂)(ḡ² - w), about 1e-5 here: compiled (float32 β̂) within 1e-4 relative of eager (float64)"
+    "w's increment (1 - β̂)(ḡ² - w), about 1e-5 here: the compiled step within 1e-4 relative of the eager one"
     import torch._dynamo
     torch._dynamo.reset()
     eager, compiled = _talon_late_step(False), _talon_late_step(True)
