@@ -21,13 +21,14 @@ from .registry import load_optimizer
 
 # %% auto #0
 __all__ = ['WORKLOADS', 'DEEP_LEARNING', 'TEST_FUNCTIONS', 'SCHEDULES', 'LR_FREE', 'SCHEDULE_FREE', 'BASELINES', 'TARGET_SETTERS',
-           'SECONDARY_LRS', 'TAU_MAX', 'QUICK_WORKLOADS', 'seeded', 'Supervised', 'RowGRU', 'DigitsGRU', 'tabular_data',
-           'mlp', 'TabularMLP', 'DigitsAutoencoder', 'HeavyTailedRegression', 'Conv1dNet', 'mnist1d_data', 'MNIST1DCNN',
-           'CharLMWorkload', 'DigitsCNNWorkload', 'workload_named', 'suite', 'warmup_cosine', 'constant', 'Protocol',
-           'how_to_run', 'nadamw', 'sgd_nesterov', 'resolve', 'signature_defaults', 'optimizer_factory', 'centre_lr',
-           'tunes_weight_decay', 'trial_configs', 'fingerprint', 'source_of', 'workload_source', 'Store', 'task',
-           'run_task', 'execute', 'edge_of', 'tune', 'targets', 'steps_to_target', 'time_to_target', 'profile_scores',
-           'bootstrap_scores', 'leaderboard', 'seed_noise', 'reproduce', 'write_report', 'main']
+           'SECONDARY_LRS', 'TAU_MAX', 'QUICK_WORKLOADS', 'QUICK_OPTIMIZERS', 'seeded', 'Supervised', 'RowGRU',
+           'DigitsGRU', 'tabular_data', 'mlp', 'TabularMLP', 'DigitsAutoencoder', 'HeavyTailedRegression', 'Conv1dNet',
+           'mnist1d_data', 'MNIST1DCNN', 'CharLMWorkload', 'DigitsCNNWorkload', 'workload_named', 'suite',
+           'warmup_cosine', 'constant', 'Protocol', 'how_to_run', 'nadamw', 'sgd_nesterov', 'resolve',
+           'signature_defaults', 'optimizer_factory', 'centre_lr', 'tunes_weight_decay', 'trial_configs', 'fingerprint',
+           'source_of', 'workload_source', 'Store', 'task', 'run_task', 'execute', 'edge_of', 'tune', 'targets',
+           'steps_to_target', 'time_to_target', 'profile_scores', 'bootstrap_scores', 'leaderboard', 'seed_noise',
+           'reproduce', 'write_report', 'main']
 
 # %% ../nbs/92_lab.ipynb #83a83edf
 def seeded(build: Callable[[], nn.Module], seed: int | None) -> nn.Module:
@@ -497,6 +498,7 @@ def reproduce(store: Store, k: int = 5, seed: int = 0) -> list[dict]:
 
 # %% ../nbs/92_lab.ipynb #6c816e63
 QUICK_WORKLOADS = ('tabular_mlp', 'digits_autoencoder', 'heavy_tailed_regression', 'rosenbrock', 'ill_conditioned_quadratic')
+QUICK_OPTIMIZERS = ('Adam', 'Lion', 'RAdam', 'Muon')   # with the baselines: the smoke run's optimizers
 
 def write_report(out: Path, rows: list[dict]) -> list[Path]:
     "Each suite's leaderboard and the seed noise, as markdown and CSV, in `out`"
@@ -536,7 +538,7 @@ def main(argv=None):
         for r in bad: print('not reproduced:', r)
         if bad: raise SystemExit(1)
         print(f'{args.check} stored runs reproduced'); return
-    names = list(dict.fromkeys([*TARGET_SETTERS, *(args.only or list_optimizers())]))
+    names = list(dict.fromkeys([*TARGET_SETTERS, *(args.only or (QUICK_OPTIMIZERS if args.quick else list_optimizers()))]))
     chosen = args.workloads or QUICK_WORKLOADS if args.quick else args.workloads or {'both': DEEP_LEARNING + TEST_FUNCTIONS, 'deep_learning': DEEP_LEARNING,
                                                   'test_functions': TEST_FUNCTIONS}[args.suite]
     protocol = Protocol(trials=4, seeds=2) if args.quick else Protocol()
