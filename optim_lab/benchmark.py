@@ -115,7 +115,10 @@ _FAMILY_MEMBERS = {
     'sign': ('Lion', 'Signum', 'SignSGD'),
     'diagonal adaptive': ('Adam', 'AdamW', 'AdamD', 'AdamGCC', 'AdamP', 'AdamS', 'AdaPNM', 'AdEMAMix', 'SimplifiedAdEMAMix',
                           'ADOPT', 'AdaBound', 'AMSBound', 'AdaBelief', 'DiffGrad', 'LaProp', 'MADGRAD', 'MARS', 'RAdam',
-                          'SAdam', 'SRAdam', 'Ranger', 'Ranger21', 'DuvAdam', 'SUAdam', 'BAdam', 'TALON'),
+                          'SAdam', 'SRAdam', 'Ranger', 'Ranger21', 'DuvAdam', 'SUAdam', 'BAdam', 'TALON', 'Adan',
+                          'StableAdamW', 'SPAM'),
+    'factored & blockwise': ('AdaFactor', 'CAME', 'AdamMini'),
+    'schedule- & lr-free': ('ScheduleFreeSGD', 'ScheduleFreeAdamW', 'ScheduleFreeRAdam', 'Prodigy', 'DAdaptAdam', 'DAdaptSGD'),
     'layer-wise': ('LAMB', 'PreLAMB', 'UM', 'Nero', 'StableAdam', 'AdamAWD'),
     'diagonal Fisher': ('FAdam', 'FishMonger', 'FARMSCrop', 'FARMSCropV2', 'FCompass', 'FMARSCrop', 'FMARSCropExMachina',
                         'FMARSCropV2'),
@@ -260,8 +263,17 @@ def peer_factories() -> dict[str, Callable]:
     try:
         import pytorch_optimizer as po
         peers['LAMB'] = ('pytorch_optimizer.Lamb', lambda ps: po.Lamb(ps))
+        peers['AdamMini'] = ('pytorch_optimizer.AdamMini', lambda ps: po.AdamMini(_holding(ps)))     # it takes a model
+        peers['AdaFactor'] = ('pytorch_optimizer.AdaFactor',                  # its momentum in float32, as ours keeps it
+                              lambda ps: po.AdaFactor(ps, momentum_dtype=torch.float32))
     except ImportError: pass
     return peers
+
+def _holding(params) -> torch.nn.Module:
+    "A module holding these very tensors under plain names (pytorch-optimizer's AdamMini then keeps one block each)"
+    holder = torch.nn.Module()
+    for i, p in enumerate(params): holder._parameters[f'weight{i}'] = p
+    return holder
 
 # %% ../nbs/90_benchmark.ipynb #8b62940d
 def time_optimizers(factories: dict[str, Callable], rounds: int = 5, steps: int = 5, shapes=WORKLOAD, keep: bool = False,
