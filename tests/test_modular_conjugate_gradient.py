@@ -4,14 +4,17 @@ torchzero 0.4.4 along whole trajectories wherever torchzero computes the formula
 otherwise, which the last tests pin down)."""
 import copy
 import inspect
-import math
+import sys
 
 import pytest
 import torch
-import torchzero as tz
 
 from optim_lab.modular import Modular, m
 from optim_lab.problems import rosenbrock
+
+WORKER = __name__ == '__main__' and sys.argv[1:] == ['worker']   # a rank of the sharded test at the end
+if not WORKER:
+    tz = pytest.importorskip('torchzero')
 
 DT = torch.float64
 BETAS = ['PolakRibiere', 'FletcherReeves', 'HestenesStiefel', 'DaiYuan', 'LiuStorey', 'ConjugateDescent', 'HagerZhang', 'DYHS']
@@ -259,3 +262,52 @@ def test_rosenbrock_with_strong_wolfe_and_resume(name):
     assert torch.equal(p, q)
     run(opt, p, 70)
     assert float(rosenbrock(p[0], p[1]).detach()) < 1e-6, name
+
+
+# ---------------------------------------------------------------- FSDP2-style sharded parameters (2 gloo ranks)
+SHARD_SHAPES = ((5,), (3, 4), (1, 6))   # 5 rows on 2 ranks: 3 + 2; one row: rank 1 holds none
+
+
+def sharded_run(name, shard=None):
+    "10 steps of [module, LR] without a closure; `shard(t)` makes each parameter a DTensor (None: one process)"
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(s, generator=g, dtype=DT) for s in SHARD_SHAPES]
+    ps = [torch.nn.Parameter(shard(t) if shard else t.clone()) for t in full]
+    opt = Modular(ps, getattr(m, name)(restart_interval=6), m.LR(0.02))
+    for _ in range(10):
+        whole = [(p.full_tensor() if shard else p.detach()).clone().requires_grad_() for p in ps]
+        loss = sum(((w - 0.3) ** 2 * (i + 1)).sum() + 0.1 * (w ** 4).sum() for i, w in enumerate(whole))
+        grads = torch.autograd.grad(loss, whole)
+        for p, gr in zip(ps, grads): p.grad = shard(gr) if shard else gr   # what FSDP2's reduce-scatter leaves
+        opt.step()
+    return [(p.full_tensor() if shard else p.detach()).tolist() for p in ps]
+
+
+def _worker():
+    import json
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor, Shard
+    dist.init_process_group('gloo')
+    mesh = init_device_mesh('cpu', (2,))
+    out = {name: sharded_run(name, lambda t: distribute_tensor(t, mesh, [Shard(0)])) for name in BETAS}
+    if dist.get_rank() == 0: print(json.dumps(out))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope='module')
+def sharded_results():
+    import json
+    from optim_lab.distributed import run_ranks
+    return json.loads(run_ranks(__file__, 'worker', nproc=2, timeout=240).strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('name', BETAS)
+def test_sharded_parameters_end_where_one_process_ends(name, sharded_results):
+    "Every inner product is a reduction on the DTensor itself: 2 ranks end where one process ends, to rounding"
+    ours = [torch.tensor(x, dtype=DT) for x in sharded_results[name]]
+    ref = [torch.tensor(x, dtype=DT) for x in sharded_run(name)]
+    assert max((a - b).abs().max().item() for a, b in zip(ours, ref)) <= 1e-12
+
+
+if WORKER: _worker()
