@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import warnings
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
@@ -16,8 +17,10 @@ from torch import Tensor
 import optim_lab.modular as olm
 from optim_lab.modular import Modular, m
 
-tz = pytest.importorskip('torchzero')
-warnings.filterwarnings('ignore', module='torchzero')
+WORKER = __name__ == '__main__' and sys.argv[1:] == ['worker']   # a rank of the sharded test below: no torchzero needed
+if not WORKER:
+    tz = pytest.importorskip('torchzero')
+    warnings.filterwarnings('ignore', module='torchzero')
 
 SHAPES = ((5,), (4, 3), (2, 3, 2))
 STEPS = 40
@@ -279,3 +282,65 @@ def test_state_dict_round_trip():
     opt2 = Modular(ps, *[getattr(m, n)(**kw) for n, kw in spec]); opt2.load_state_dict(sd)
     run(opt2, range(10, 20))
     assert max(max_dev([straight], [[p.detach() for p in ps]]), 0) == 0.0
+
+
+# %% FSDP2-style sharded parameters: 2 gloo ranks, each parameter a DTensor sharded on dim 0 (uneven shards)
+
+DIST_SPECS = {
+    'ClipNormByEMA': [('ClipNormByEMA', {}), LR_],
+    'NormalizeByEMA-global': [('NormalizeByEMA', dict(tensorwise=False)), LR_],
+    'ClipValueByEMA': [('ClipValueByEMA', {}), LR_],
+    'ClipNormGrowth-global': [('ClipNormGrowth', dict(tensorwise=False)), LR_],
+    'ClipNormGrowth': [('ClipNormGrowth', dict(add=0.2)), LR_],
+    'ClipValueGrowth': [('ClipValueGrowth', dict(add=0.1)), LR_],
+    'Averaging': [('Averaging', dict(history_size=3)), LR_],
+    'WeightedAveraging': [('WeightedAveraging', dict(weights=[1.0, 2.0])), LR_],
+    'MedianAveraging': [('MedianAveraging', dict(history_size=4)), LR_],
+    'ScaleByGradCosineSimilarity': [('HeavyBall', {}), ('ScaleByGradCosineSimilarity', {}), LR_],
+}
+DIST_SHAPES = ((5,), (3, 4), (1, 6))   # 5 rows on 2 ranks: 3 + 2; one row: rank 1 holds none
+
+
+def dist_run(spec, shard=None):
+    "8 steps of a spiky loss; `shard(t)` makes a parameter's tensor (a DTensor on the 2 ranks), None for one process"
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(s, generator=g, dtype=torch.float64) for s in DIST_SHAPES]
+    ps = [torch.nn.Parameter(shard(t) if shard else t.clone()) for t in full]
+    opt = Modular(ps, *[getattr(m, n)(**kw) for n, kw in spec])
+    for t in range(8):
+        # the gradient of the whole parameter, sharded as the parameter: what FSDP2's reduce-scatter leaves in p.grad
+        whole = [(p.full_tensor() if shard else p.detach()).clone().requires_grad_() for p in ps]
+        grads = torch.autograd.grad(loss_at(whole, t), whole)
+        for p, gr in zip(ps, grads): p.grad = shard(gr) if shard else gr
+        opt.step()
+    return [(p.full_tensor() if shard else p.detach()).tolist() for p in ps]
+
+
+def _worker():
+    import json
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor, Shard
+    dist.init_process_group('gloo')
+    mesh = init_device_mesh('cpu', (2,))
+    out = {name: dist_run(spec, lambda t: distribute_tensor(t, mesh, [Shard(0)])) for name, spec in DIST_SPECS.items()}
+    if dist.get_rank() == 0: print(json.dumps(out))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope='module')
+def sharded_results():
+    import json
+    from optim_lab.distributed import run_ranks
+    return json.loads(run_ranks(__file__, 'worker', nproc=2, timeout=240).strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('name', list(DIST_SPECS))
+def test_sharded_parameters_end_where_one_process_ends(name, sharded_results):
+    "Whole-tensor norms and the global cosine are reductions on the DTensor: 2 ranks agree with one process to rounding"
+    ours = [torch.tensor(x, dtype=torch.float64) for x in sharded_results[name]]
+    ref = [torch.tensor(x, dtype=torch.float64) for x in dist_run(DIST_SPECS[name])]
+    assert max((a - b).abs().max().item() for a, b in zip(ours, ref)) <= 1e-12
+
+
+if WORKER: _worker()

@@ -190,7 +190,7 @@ class ClipValueGrowth(Module):
 
 # %% ../../nbs/66_clipping_averaging.ipynb #31c4887c
 class Averaging(Module):
-    "The mean of the last `history_size` updates: u_t ← (u_t + … + u_{t−k+1}) / min(t, k), a running sum over a ring buffer"
+    "The mean of the last `history_size` updates: u_t ← (u_t + … + u_{t−k+1}) / min(t, k), a running sum over a ring of k tensors"
     tensorwise = True
     constraints = dict(history_size=IntRange(1))
     def __init__(self, history_size: int): super().__init__(dict(history_size=history_size))  # k
@@ -198,7 +198,8 @@ class Averaging(Module):
         out = []
         for p, u, s in zip(var.params, var.get_update(), self.settings(var)):
             state, k = self.state(p), s['history_size']
-            if 'history' not in state: state.update(history=u.new_zeros((k, *u.shape)), average=torch.zeros_like(u), step=0)
+            if 'history' not in state:   # k tensors laid out like u (a stacked buffer would lose an FSDP2 shard's layout)
+                state.update(history=[torch.zeros_like(u) for _ in range(k)], average=torch.zeros_like(u), step=0)
             t, slot = state['step'] + 1, state['step'] % k
             state['step'] = t
             state['average'].add_(u).sub_(state['history'][slot])   # the slot holds u_{t−k} (zeros before it exists)
