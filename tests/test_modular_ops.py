@@ -176,6 +176,53 @@ def test_rmsprop_debiased_spelling():
     with pytest.raises(ValueError, match='disagree'): m.RMSprop(debias=True, debiased=False)
 
 
+# torchzero's README, "Low level modules": its equivalent ways to make Adam, verbatim (`amsgrad` is the README's free name)
+README_RECIPES = [
+    """tz.m.Adam()""",
+    """tz.m.RMSprop(0.999, debiased=True, init='zeros', inner=tz.m.EMA(0.9))""",
+    """tz.m.DivModules(
+    tz.m.EMA(0.9, debiased=True),
+    [tz.m.SqrtEMASquared(0.999, debiased=True), tz.m.Add(1e-8)]
+)""",
+    """tz.m.DivModules(
+    [tz.m.EMA(0.9), tz.m.Debias(beta1=0.9, beta2=0.999)],
+    [tz.m.EMASquared(0.999), tz.m.Sqrt(), tz.m.Add(1e-8)]
+)""",
+    """tz.m.DivModules(
+    [tz.m.EMA(0.9), tz.m.Debias(beta1=0.9)],
+    [
+        tz.m.Pow(2),
+        tz.m.EMA(0.999),
+        tz.m.AccumulateMaximum() if amsgrad else tz.m.Identity(),
+        tz.m.Sqrt(),
+        tz.m.Debias2(beta=0.999),
+        tz.m.Add(1e-8)]
+)"""]
+
+
+@pytest.mark.parametrize('amsgrad', [False, True])
+@pytest.mark.parametrize('i', range(len(README_RECIPES)))
+def test_readme_recipes_run_with_the_import_swapped(i, amsgrad):
+    "Each recipe trains with `import optim_lab.modular as tz`; the one spelled `EMA(debiased=True)` fails in both libraries"
+    import optim_lab.modular as ours
+    import torchzero as theirs
+    if 'EMA(0.9, debiased=True)' in README_RECIPES[i]:
+        for lib in (ours, theirs):
+            with pytest.raises(TypeError, match='debiased'): eval(README_RECIPES[i], dict(tz=lib, amsgrad=amsgrad))
+        return
+    torch.manual_seed(0)
+    model, inputs, targets = nn.Linear(10, 1), torch.randn(20, 10), torch.randn(20, 1)
+    opt = ours.Modular(model.parameters(), eval(README_RECIPES[i], dict(tz=ours, amsgrad=amsgrad)), ours.m.LR(1e-2))
+    losses = []
+    for _ in range(200):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(inputs), targets)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])   # measured: 0.70 -> 0.13 in 200 steps
+
+
 # %% where chapter 67 follows the paper or the docstring: float64 transcriptions
 
 class Transcription(torch.optim.Optimizer):
