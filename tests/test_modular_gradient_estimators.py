@@ -246,3 +246,19 @@ def test_fd_forward_hvp_on_a_quadratic():
     with torch.no_grad(): hv = fd_forward_hvp(closure, ps, flat([p.grad for p in ps]), v, 1e-3)
     torch.testing.assert_close(hv, A @ v, atol=1e-8, rtol=0)
     assert torch.equal(flat(ps), X0)
+
+
+def test_readme_zeroth_order_newton_cg():
+    "torchzero's README chain: GaussianSmoothing, NewtonCG(hvp_method='forward') (its spelling of 'fd_forward'), a line search"
+    p = torch.tensor([-1.5, 2.0], dtype=DT, requires_grad=True)
+    opt = Modular([p], m.GaussianSmoothing(h=0.01, n_samples=10), m.NewtonCG(hvp_method='forward'), m.Backtracking())
+    calls = []
+    def closure(backward=True):
+        calls.append(backward)
+        loss = rosenbrock(p[0], p[1])
+        if backward:
+            opt.zero_grad(); loss.backward()
+        return loss
+    torch.manual_seed(0)
+    for _ in range(30): opt.step(closure)
+    assert float(rosenbrock(*p.detach())) < 1.0 and not any(calls)   # from 12.5; 0.05 after 50 steps in the chapter

@@ -681,6 +681,7 @@ class NewtonCG(Module):
                  tol: float | Literal['forcing'] = 'forcing', # CG stops when ‖r‖ < tol; 'forcing': min(0.5, √‖b‖)·‖b‖ (N&W Alg. 7.1)
                  reg: float = 1e-8,           # λ added to the Hessian's diagonal
                  hvp_method: Literal['autograd', 'fd_forward'] = 'autograd', # H v by autograd, or by a forward difference of gradients
+                                              # ('forward': the torchzero README's older spelling of 'fd_forward')
                  solver: Literal['cg'] = 'cg', # the linear solver
                  npc_terminate: bool = True,  # stop CG at negative curvature (N&W Alg. 7.1; torchzero's default: False)
                  h: float = 1e-3,             # step of the 'fd_forward' product, along v/‖v‖
@@ -692,7 +693,7 @@ class NewtonCG(Module):
         hypers = dict(maxiter=maxiter, tol=tol, reg=reg, hvp_method=hvp_method, solver=solver, npc_terminate=npc_terminate,
                       h=h, miniter=miniter, warm_start=warm_start, warm_beta=warm_beta)
         if tol != 'forcing': check_hypers('NewtonCG', hypers, dict(tol=NonNegative))
-        check_hypers('NewtonCG', hypers, dict(reg=NonNegative, hvp_method=OneOf(('autograd', 'fd_forward')),
+        check_hypers('NewtonCG', hypers, dict(reg=NonNegative, hvp_method=OneOf(('autograd', 'fd_forward', 'forward')),
                      solver=OneOf(('cg',)), npc_terminate=Flag, miniter=Range(0), warm_start=Flag, warm_beta=Range(0, 1)))
         super().__init__(hypers)
 
@@ -700,7 +701,7 @@ class NewtonCG(Module):
     def step(self, var: Var) -> Var:
         if var.closure is None: raise ValueError("NewtonCG needs a closure (Hessian-vector products): opt.step(closure)")
         s = self.defaults
-        if s['hvp_method'] == 'fd_forward':
+        if s['hvp_method'] in ('fd_forward', 'forward'):
             g0 = _flatten(var.get_grad())
             def Hv(v: Tensor) -> Tensor:
                 self.global_state['hvps'] = self.global_state.get('hvps', 0) + 1
