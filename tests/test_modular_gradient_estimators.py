@@ -262,3 +262,25 @@ def test_readme_zeroth_order_newton_cg():
     torch.manual_seed(0)
     for _ in range(30): opt.step(closure)
     assert float(rosenbrock(*p.detach())) < 1.0 and not any(calls)   # from 12.5; 0.05 after 50 steps in the chapter
+
+
+@pytest.mark.parametrize('make', [lambda: m.RandomizedFDM(seed=0), lambda: m.RDSA(seed=1, n_samples=2), lambda: m.MeZO(),
+                                  lambda: m.ForwardGradient(seed=2)])
+def test_state_dict_resumes_the_random_sequence(make):
+    "A seeded generator's state (global_state) and MeZO's step counter round-trip: 3 + 3 steps equal 6 steps exactly"
+    def chain(ps): return Modular(ps, make(), m.LR(1e-2))
+    def closure_for(ps):
+        return lambda backward=True: f_of(torch.cat([p.reshape(-1) for p in ps]))
+    ps = split(X0)
+    opt = chain(ps)
+    for _ in range(6): opt.step(closure_for(ps))
+    straight = flat(ps)
+    ps = split(X0)
+    opt = chain(ps)
+    for _ in range(3): opt.step(closure_for(ps))
+    sd, now = opt.state_dict(), [p.detach().clone() for p in ps]
+    ps2 = [x.clone().requires_grad_() for x in now]
+    opt2 = chain(ps2)
+    opt2.load_state_dict(sd)
+    for _ in range(3): opt2.step(closure_for(ps2))
+    assert torch.equal(flat(ps2), straight)
