@@ -228,6 +228,15 @@ def test_bad_arguments(name):
         cls(inner=m.LR(1.0))
 
 
+def test_bad_group_override():
+    x = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="PolakRibiere: restart_interval=0 is outside the allowed range"):
+        Modular([{'params': [x], 'restart_interval': 0}], m.PolakRibiere(), m.LR(0.1))
+    opt = Modular([x], m.DaiYuan(), m.LR(0.1))
+    with pytest.raises(ValueError, match="DaiYuan: clip_beta=2 is outside"):
+        opt.param_groups[0]['clip_beta'] = 2
+
+
 def test_bad_arguments_projected_gradient():
     with pytest.raises(ValueError, match='ProjectedGradientMethod: init_scale=-1'):
         m.ProjectedGradientMethod(init_scale=-1)

@@ -63,17 +63,18 @@ def dyhs_beta(g, g_prev, p_prev):
     return torch.clamp(torch.minimum(hestenes_stiefel_beta(g, g_prev, p_prev), dai_yuan_beta(g, g_prev, p_prev)), min=0)
 
 # %% ../../nbs/68_conjugate_gradient.ipynb #07ab51c5
+class _RestartInterval:
+    "The allowed values of `restart_interval`: a positive integer, 'auto' or None (a constraint for `check_hypers`)"
+    def allows(self, x) -> bool: return x is None or x == 'auto' or IntRange(1).allows(x)
+    def __str__(self): return f"{IntRange(1)}, 'auto' or None"
+
 class ConjugateGradient(Module):
     """Nonlinear conjugate gradient: u ← u − β p₋ where p₋ = −(the previous output) is the previous search direction and
     β comes from `beta_fn(g, g₋, p₋)` (g: this step's incoming update, g₋: the previous one). A line search after it picks the step."""
     beta_fn = None
+    constraints = dict(clip_beta=Flag, restart_interval=_RestartInterval())   # checked here and for group overrides
     def __init__(self, *, clip_beta: bool, restart_interval: int | Literal['auto'] | None, inner=None):
-        name = type(self).__name__
-        _no_inner(name, inner)
-        check_hypers(name, dict(clip_beta=clip_beta), dict(clip_beta=Flag))
-        if not (restart_interval is None or restart_interval == 'auto' or IntRange(1).allows(restart_interval)):
-            raise ValueError(f"{name}: restart_interval={restart_interval!r} is outside the allowed range "
-                             f"{IntRange(1)}, 'auto' or None")
+        _no_inner(type(self).__name__, inner)
         super().__init__(dict(clip_beta=clip_beta, restart_interval=restart_interval))
 
     def restart_every(self, var: Var) -> int | None:
