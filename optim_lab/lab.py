@@ -4,7 +4,7 @@
 
 # %% ../nbs/92_lab.ipynb #20d9e28e
 from __future__ import annotations
-import hashlib, inspect, json, math, sqlite3, sys, tempfile, time, warnings
+import hashlib, inspect, json, marshal, math, sqlite3, sys, tempfile, time, warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -292,9 +292,14 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 def source_of(name: str) -> str:
-    "A fingerprint of the code that defines optimizer `name`: its module's source (torch's version for a baseline)"
+    """A fingerprint of the code that defines optimizer `name`: its module's source (torch's version for a baseline);
+    for a class defined in a notebook or a REPL, which has no source file, the bytecode of its own functions"""
     if name in BASELINES: return fingerprint(torch.__version__, inspect.getsource(BASELINES[name]))
-    return fingerprint(inspect.getsource(sys.modules[load_optimizer(name).__module__]))
+    cls = load_optimizer(name)
+    try: return fingerprint(inspect.getsource(sys.modules[cls.__module__]))
+    except (TypeError, OSError):
+        functions = [getattr(f, '__func__', f) for c in cls.__mro__ if c.__module__ == cls.__module__ for f in vars(c).values()]
+        return fingerprint([marshal.dumps(f.__code__).hex() for f in functions if hasattr(f, '__code__')])
 
 def workload_source(workload) -> str:
     "A fingerprint of a workload's definition: the source of its classes, up to `Problem`"

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_registry.ipynb #4aa83e22
 from __future__ import annotations
-import difflib, importlib, pkgutil
+import difflib, importlib, pkgutil, sys
 from torch import nn
 
 from .core import LabOptimizer
@@ -15,6 +15,7 @@ __all__ = ['PACKAGES_WITH_OPTIMIZERS', 'NORM_LAYERS', 'normalize_name', 'registe
 
 # %% ../nbs/01_registry.ipynb #928ef04b
 _REGISTRY: dict[str, type] = {}
+_SHIPPED: dict[str, type] = {}   # the package's class under a name a notebook has defined again (while it runs)
 PACKAGES_WITH_OPTIMIZERS = ('optim_lab.optimizers',)
 
 def normalize_name(name: str) -> str:
@@ -45,7 +46,10 @@ def register(cls: type | None = None, *,
                                  f"{old.__name__} ({old.__module__}, chapter {old.info.get('chapter')!r}); give the "
                                  f"class another name (only the chapter's own notebook may define it again)")
         cls.info = dict(name=cls.__name__, paper=paper, year=year, url=url, chapter=chapter)
-        for key in keys: _REGISTRY[key] = cls
+        if cls.__module__ == '__main__': cls._registered_in = sys.modules.get('__main__')  # the notebook defining it
+        for key in keys:
+            if key in _REGISTRY and _REGISTRY[key].__module__ != '__main__': _SHIPPED[key] = _REGISTRY[key]
+            _REGISTRY[key] = cls
         return cls
     return deco if cls is None else deco(cls)
 
@@ -66,11 +70,18 @@ def list_optimizers() -> list[str]:
     _import_all()
     return sorted({cls.__name__ for cls in _REGISTRY.values()}, key=str.lower)
 
+def _visible(key: str) -> type:
+    """The class registered under `key`; a notebook's own definition only while that notebook is `__main__`, so that
+    the next notebook run in the same process (a test runner's worker) gets the package's class again"""
+    cls = _REGISTRY[key]
+    if cls.__module__ != '__main__' or getattr(cls, '_registered_in', None) is sys.modules.get('__main__'): return cls
+    return _SHIPPED.get(key, cls)
+
 def load_optimizer(name: str) -> type:
     "The optimizer class called `name` (case- and underscore-insensitive)"
     _import_all()
     key = normalize_name(name)
-    if key in _REGISTRY: return _REGISTRY[key]
+    if key in _REGISTRY: return _visible(key)
     close = difflib.get_close_matches(key, _REGISTRY, n=3, cutoff=0.5)
     hint = f"; closest: {', '.join(_REGISTRY[k].__name__ for k in close)}" if close else ''
     raise ValueError(f"Unknown optimizer {name!r}{hint}. list_optimizers() gives all {len(list_optimizers())}.")

@@ -93,3 +93,23 @@ def test_targets_and_time_to_target():
     assert timed['AdamW']['steps'] == 20 and timed['Shampoo']['steps'] == 10
     assert timed['Shampoo']['cost_steps'] == 40                         # 10 steps at 4x AdamW's step cost
     assert math.isinf(lab.steps_to_target([(0, 0.1), (5, 2.0)], 1.0))   # the start does not count
+
+
+def test_an_optimizer_defined_in_a_notebook_has_a_fingerprint():
+    "A class whose module has no source file (a notebook's `__main__`) is fingerprinted by its functions' bytecode"
+    import sys, types
+    from optim_lab.core import LabOptimizer
+    from optim_lab.registry import register, _REGISTRY
+    main, saved = sys.modules['__main__'], dict(_REGISTRY)
+    sys.modules['__main__'] = types.ModuleType('__main__')
+    def define(step: str):
+        ns = {'LabOptimizer': LabOptimizer, '__name__': '__main__'}
+        exec(f"class HalfStep(LabOptimizer):\n    def update(self, p, grad, state, group): return {step}", ns)
+        register(ns['HalfStep'])
+        return lab.source_of('HalfStep')
+    try:
+        first, again, other = define('0.5 * grad'), define('0.5 * grad'), define('0.25 * grad')
+        assert first == again != other
+    finally:
+        sys.modules['__main__'] = main
+        _REGISTRY.clear(); _REGISTRY.update(saved)
