@@ -77,15 +77,20 @@ class Module:
         self._modular, self._key = None, type(self).__name__
         self._own_state = defaultdict(dict)  # used until the module joins a `Modular`
 
+    def children(self) -> list:
+        "The modules inside this one (a composite's operands), which share its settings checks and its reset"
+        return []
+
     def check_setting(self, name: str, value):
-        "Raise a `ValueError` if `value` breaks this module's constraint on setting `name`, or is one it does not implement"
-        if name not in self.defaults: return
-        check_hypers(type(self).__name__, {name: value}, self.constraints)
-        if name in self.unsupported:
-            default = inspect.signature(type(self).__init__).parameters[name].default
-            if not (value is default or (not isinstance(value, Tensor) and value == default)):
-                raise ValueError(f"{type(self).__name__}: {name}={value!r} is not supported ({self.unsupported[name]}); "
-                                 f"only the default {name}={default!r} is accepted")
+        "Raise a `ValueError` if `value` breaks this module's (or a child's) constraint on setting `name`, or is one it does not implement"
+        if name in self.defaults:
+            check_hypers(type(self).__name__, {name: value}, self.constraints)
+            if name in self.unsupported:
+                default = inspect.signature(type(self).__init__).parameters[name].default
+                if not (value is default or (not isinstance(value, Tensor) and value == default)):
+                    raise ValueError(f"{type(self).__name__}: {name}={value!r} is not supported ({self.unsupported[name]}); "
+                                     f"only the default {name}={default!r} is accepted")
+        for m in self.children(): m.check_setting(name, value)
 
     def settings(self, var: Var) -> list[dict]:
         "One dict per parameter of `var`: this module's defaults, overridden by the keys of the parameter's group"
@@ -104,10 +109,11 @@ class Module:
         raise NotImplementedError
 
     def reset(self):
-        "Forget all state"
+        "Forget all state, this module's and its children's"
         store = self._own_state if self._modular is None else self._modular.state
         for s in store.values(): s.pop(self._key, None)
         self.global_state.clear()
+        for m in self.children(): m.reset()
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.defaults.items())})"

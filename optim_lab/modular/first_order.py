@@ -109,13 +109,7 @@ class RMSprop(Module):
         self.exp_avg_sq_tfm = None if exp_avg_sq_tfm is None else _as_chain('RMSprop', 'exp_avg_sq_tfm', exp_avg_sq_tfm, numbers_ok=False)
         self.tensorwise = all(m.tensorwise for m in (self.inner or []) + (self.exp_avg_sq_tfm or []))
 
-    def children(self): return (self.inner or []) + (self.exp_avg_sq_tfm or [])
-    def check_setting(self, name, value):
-        super().check_setting(name, value)
-        for m in self.children(): m.check_setting(name, value)
-    def reset(self):
-        super().reset()
-        for m in self.children(): m.reset()
+    def children(self): return (getattr(self, 'inner', None) or []) + (getattr(self, 'exp_avg_sq_tfm', None) or [])
 
     def step(self, var):
         from optim_lab.modular.ops import _run_chain

@@ -59,12 +59,6 @@ class _WithChildren(Module):
         "The number, or the update the operand's chain produces from a copy of `var`"
         v = self.operands[name]
         return _run_chain(self, name, v, var) if isinstance(v, list) else v
-    def check_setting(self, name, value):
-        super().check_setting(name, value)
-        for m in self.children(): m.check_setting(name, value)
-    def reset(self):
-        super().reset()
-        for m in self.children(): m.reset()
     def __repr__(self):
         ops = ', '.join(f'{k}={v!r}' for k, v in self.operands.items())
         return f"{type(self).__name__}({ops}{', ' if ops and self.defaults else ''}{', '.join(f'{k}={v!r}' for k, v in self.defaults.items())})"
@@ -288,12 +282,7 @@ class VectorProjection(Module):
                  project_update: bool = True, project_params: bool = True, project_grad: bool = True):
         self.modules = _as_chain('VectorProjection', 'modules', modules, numbers_ok=False)
         super().__init__(dict(project_update=project_update, project_params=project_params, project_grad=project_grad))
-    def check_setting(self, name, value):
-        super().check_setting(name, value)
-        for m in self.modules: m.check_setting(name, value)
-    def reset(self):
-        super().reset()
-        for m in self.modules: m.reset()
+    def children(self): return self.modules
     def step(self, var):
         update, grad = var.get_update(), var.get_grad()
         inner = Var([_flat(var.params)], var.groups[:1], _no_closure, var.modular, grad=[_flat(grad)])
