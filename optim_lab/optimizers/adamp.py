@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..core import LabOptimizer, Beta, NonNegative, Flag, Range, add, add_, addcmul_, maximum
+from ..core import LabOptimizer, Beta, NonNegative, Flag, Range, add, add_, addcmul_, maximum, sqrt
 from ..registry import register
 
 # %% auto #0
@@ -29,16 +29,19 @@ def abs_cosine(x: Tensor, y: Tensor, eps, dim: tuple[int, ...]) -> Tensor:
 # %% ../../nbs/25_adamp.ipynb #c0a9f957
 def project_radial(param: Tensor, grad: Tensor, update: Tensor, *, delta, eps) -> tuple[Tensor, Tensor]:
     "AdamP's Π: `update` without its component along `param` where `grad` looks orthogonal to it; (q_t, whether it fired)"
-    channel, whole = _channel_dims(param), tuple(range(param.dim()))   # reduce per output channel / over everything
-    per_channel = (abs_cosine(grad, param, eps, channel) < delta / math.sqrt(math.prod(param.shape[1:]))).all()
-    per_tensor = (abs_cosine(grad, param, eps, whole) < delta / math.sqrt(param.numel())).all()
-    norm = torch.where(per_channel, torch.linalg.vector_norm(param, dim=channel, keepdim=True),
-                       torch.linalg.vector_norm(param))
-    unit = param / (norm + eps)                                                        # θ̂
-    along = unit * update
-    radial = torch.where(per_channel, along.sum(dim=channel, keepdim=True), along.sum())  # <θ̂, u> per channel
+    channel = _channel_dims(param)                                    # reduce per output channel; the tensor view from those
+    g_norm = torch.linalg.vector_norm(grad, dim=channel, keepdim=True)   # ‖g_i‖
+    p_norm = torch.linalg.vector_norm(param, dim=channel, keepdim=True)  # ‖θ_i‖
+    g_dot_p = (grad * param).sum(dim=channel, keepdim=True)              # ⟨g_i, θ_i⟩
+    def abs_cos(dot, g_n, p_n): return dot.abs() / (maximum(g_n, eps) * maximum(p_n, eps))
+    p_whole = torch.linalg.vector_norm(p_norm)                           # ‖θ‖ = ‖(‖θ_i‖)_i‖
+    per_channel = (abs_cos(g_dot_p, g_norm, p_norm) < delta / math.sqrt(math.prod(param.shape[1:]))).all()
+    per_tensor = abs_cos(g_dot_p.sum(), torch.linalg.vector_norm(g_norm), p_whole) < delta / math.sqrt(param.numel())
+    u_dot_p = (update * param).sum(dim=channel, keepdim=True)            # ⟨u_i, θ_i⟩
+    radial = torch.where(per_channel, u_dot_p / (p_norm + eps) ** 2,     # θ̂⟨θ̂, u⟩ = θ · ⟨θ, u⟩/(‖θ‖ + ε)²
+                         u_dot_p.sum() / (p_whole + eps) ** 2)
     fired = per_channel | per_tensor
-    return update - torch.where(fired, unit * radial, 0.0), fired
+    return torch.addcmul(update, param, torch.where(fired, radial, 0.0), value=-1), fired
 
 # %% ../../nbs/25_adamp.ipynb #78d65b4e
 def _project(param: Tensor, grad: Tensor, update: Tensor, delta, eps, wd_ratio):
@@ -47,6 +50,10 @@ def _project(param: Tensor, grad: Tensor, update: Tensor, delta, eps, wd_ratio):
     update, fired = project_radial(param, grad, update, delta=delta, eps=eps)
     return update, 1 - (1 - wd_ratio) * fired.to(param.dtype)
 
+def _decays(weight_decay) -> bool:
+    "False for the number 0 (an eager step skips a multiplication by 1); a compiled step's 0-d tensor always decays"
+    return isinstance(weight_decay, Tensor) or weight_decay != 0
+
 def adamp_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step, lr, beta1, beta2, eps,
                  weight_decay, decoupled_wd: bool, delta, wd_ratio, nesterov: bool) -> Tensor:
     "AdamP: decays `param` in place (by wd_ratio less where projected) and returns the projected Adam direction q_t"
@@ -54,10 +61,11 @@ def adamp_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     exp_avg.lerp_(grad, 1 - beta1)                                        # m_t
     addcmul_(exp_avg_sq.mul_(beta2), grad, grad, value=1 - beta2)         # v_t
     p_t = exp_avg.lerp(grad, 1 - beta1) if nesterov else exp_avg
-    denom = exp_avg_sq.div(1 - beta2 ** step).sqrt_().add_(eps)           # sqrt(v_hat) + eps
-    u = torch.div(p_t, denom, out=denom).div_(1 - beta1 ** step)          # u_t
+    bias_correction2 = sqrt(1 - beta2 ** step)
+    denom = exp_avg_sq.sqrt().add_(eps * bias_correction2)                # (sqrt(v_hat) + eps) sqrt(1 - β2^t)
+    u = torch.div(p_t, denom, out=denom).mul_(bias_correction2 / (1 - beta1 ** step))  # u_t
     q, ratio = _project(param, grad, u, delta, eps, wd_ratio)             # q_t, r_t
-    if decoupled_wd: param.mul_(1 - lr * weight_decay * ratio)
+    if decoupled_wd and _decays(weight_decay): param.mul_(1 - lr * weight_decay * ratio)
     return q
 
 def sgdp_update(param: Tensor, grad: Tensor, momentum_buffer: Tensor, *, lr, momentum, dampening, eps, weight_decay,
@@ -67,7 +75,7 @@ def sgdp_update(param: Tensor, grad: Tensor, momentum_buffer: Tensor, *, lr, mom
     add_(momentum_buffer.mul_(momentum), grad, alpha=1 - dampening)       # b_t
     u = add(grad, momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
     q, ratio = _project(param, grad, u, delta, eps, wd_ratio)
-    if decoupled_wd: param.mul_(1 - lr * weight_decay * ratio / (1 - momentum))
+    if decoupled_wd and _decays(weight_decay): param.mul_(1 - lr * weight_decay * ratio / (1 - momentum))
     return q
 
 # %% ../../nbs/25_adamp.ipynb #b8e93467
