@@ -8,3 +8,4 @@ from .clipping_averaging import *
 from .conjugate_gradient import *
 from .gradient_estimators import *
 from .ops import *
+from .trust_region import *
