@@ -164,7 +164,9 @@ def test_shampoo_matches_peer(hypers):
     # where the peer's float32 SVD and our float64 eigh legitimately differ.
     peer_h = {('weight_decouple' if k == 'decoupled_wd' else k): v for k, v in hypers.items()}
     problems = [noisy_quadratic(shape, STEPS, seed=i, dtype=torch.float32) for i, shape in enumerate([(4, 5), (3, 2, 2), (5, 3)])]
-    ours = lambda ps: Shampoo(ps, matrix_eps=1e-3, graft_type='none', **hypers)  # the peer has no grafting
+    # the paper's settings: no grafting, no warm-up, no blocks, roots every step (the peer's defaults; ours are practical)
+    ours = lambda ps: Shampoo(ps, matrix_eps=1e-3, graft_type='none', preconditioning_compute_steps=1,
+                              start_preconditioning_step=1, block_size=None, **hypers)
     peer = lambda ps: pytorch_optimizer.Shampoo(ps, matrix_eps=1e-3, fixed_decay=False, preconditioning_compute_steps=1, **peer_h)
     assert deviation(ours, peer, problems) < TOL
 
@@ -200,7 +202,8 @@ def test_shampoo_schedule_and_diagonal_against_float64(hypers):
     for i, shape in enumerate([(7,), (4, 5), (3, 2, 5)]):
         theta0, grad_fn = noisy_quadratic(shape, STEPS, seed=i)
         ours = run_optimizer(lambda ps: Shampoo(ps, lr=1e-2, momentum=hypers['momentum'], matrix_eps=0.1, graft_type='none',
-                                                preconditioning_compute_steps=hypers['K'], max_precond_dim=hypers['max_dim']),
+                                                preconditioning_compute_steps=hypers['K'], max_precond_dim=hypers['max_dim'],
+                                                start_preconditioning_step=1, block_size=None),
                              theta0, grad_fn, STEPS)
         ref = _shampoo_reference(theta0.clone(), grad_fn, 1e-2, hypers['momentum'], hypers['K'], 0.1, hypers['max_dim'])
         assert max_deviation(ours, ref) < 1e-10

@@ -4,19 +4,20 @@
 
 # %% ../../nbs/28_shampoo.ipynb #a7feb22e
 from __future__ import annotations
+import itertools
 import torch
 from torch import Tensor
 
 from ..core import LabOptimizer, Beta, Positive, OneOf, LOW_PRECISION, where
 from ..registry import register
-from ..core import PositiveInt
+from ..core import PositiveInt, RangeOrNone
 try: from optim_lab.distributed import full_tensor, local_shard_like
 except ImportError:  # optim_lab.distributed not built yet: plain tensors only
     def full_tensor(x: Tensor) -> Tensor: return x
     def local_shard_like(full: Tensor, like: Tensor) -> Tensor: return full
 
 # %% auto #0
-__all__ = ['matrix_inverse_root', 'graft_direction', 'shampoo_update', 'Shampoo']
+__all__ = ['matrix_inverse_root', 'graft_direction', 'shampoo_blocks', 'precondition_block', 'shampoo_update', 'Shampoo']
 
 # %% ../../nbs/28_shampoo.ipynb #797ad055
 def matrix_inverse_root(matrix: Tensor, root: int, eps: float) -> Tensor:
@@ -31,27 +32,46 @@ def graft_direction(g: Tensor, graft_sum: Tensor | None, graft_type: str, diagon
     if graft_type == 'adagrad': return g / graft_sum.addcmul_(g, g).sqrt().add_(diagonal_eps)
     return g                                                                   # 'sgd', and 'none' before the start step
 
-def shampoo_update(grad: Tensor, momentum_buffer: Tensor, pre_conds: list[Tensor], inv_pre_conds: list[Tensor],
-                   graft_sum: Tensor | None = None, *, step: int, momentum: float, matrix_eps: float,
-                   preconditioning_compute_steps: int, graft_type: str = 'none', start_preconditioning_step: int = 1,
-                   diagonal_eps: float = 1e-10) -> Tensor:
-    "Shampoo's direction U_t; updates the statistics `pre_conds` (H^i), the roots `inv_pre_conds` (P^i) when due, `graft_sum` and `momentum_buffer`"
-    g = grad.lerp(momentum_buffer, where(step > 1, momentum, 0.0))           # (1-μ) g_t + μ U_{t-1}
-    a = graft_direction(g, graft_sum, graft_type, diagonal_eps)               # A_t
-    g_full, order = full_tensor(g), g.dim()
-    started = step >= start_preconditioning_step                              # s
-    recompute = started and (step - start_preconditioning_step) % preconditioning_compute_steps == 0  # s, s+K, ...
+def shampoo_blocks(shape, max_precond_dim: int, block_size: int | None) -> list[tuple[slice, ...]]:
+    "The blocks Shampoo preconditions separately: each full-matrix dimension above `block_size` cut into pieces of `block_size` (the last one shorter); diagonal and small dimensions whole"
+    def cuts(n):
+        if block_size is None or not block_size < n <= max_precond_dim: return [slice(0, n)]
+        b = int(block_size)
+        return [slice(a, min(a + b, n)) for a in range(0, n, b)]
+    return list(itertools.product(*(cuts(n) for n in shape)))
+
+def precondition_block(g: Tensor, pre_conds: list[Tensor], inv_pre_conds: list[Tensor], *, order: int,
+                       recompute: bool, matrix_eps: float) -> Tensor:
+    "One block: H^i += G_(i) G_(i)ᵀ (or its diagonal), P^i = (H^i)^(-1/2k) when `recompute`, and G ×_1 P^1 ⋯ ×_k P^k"
     for i, (h, p) in enumerate(zip(pre_conds, inv_pre_conds)):
-        g_i = g_full.movedim(i, 0).reshape(g_full.shape[i], -1)               # G_(i)
+        g_i = g.movedim(i, 0).reshape(g.shape[i], -1)                         # G_(i)
         if h.dim() == 2: h.addmm_(g_i, g_i.T)                                 # H^i += G_(i) G_(i)^T
         else: h.add_(g_i.square().sum(dim=1))                                 # its diagonal only
         if recompute: p.copy_(matrix_inverse_root(h, 2 * order, matrix_eps) if h.dim() == 2 else
                                h.clamp_min(matrix_eps).pow(-1 / (2 * order)))
+    u = g
+    for p in inv_pre_conds:              # contract dimension 0 with P^i; it comes back as the last one, so after k: in order
+        u = torch.tensordot(u, p, dims=([0], [0])) if p.dim() == 2 else u.movedim(0, -1) * p
+    return u
+
+def shampoo_update(grad: Tensor, momentum_buffer: Tensor, pre_conds: list[list[Tensor]], inv_pre_conds: list[list[Tensor]],
+                   graft_sum: Tensor | None = None, *, step: int, momentum: float, matrix_eps: float,
+                   preconditioning_compute_steps: int, graft_type: str = 'none', start_preconditioning_step: int = 1,
+                   diagonal_eps: float = 1e-10, blocks: list[tuple[slice, ...]] | None = None) -> Tensor:
+    "Shampoo's direction U_t; per block (`blocks`, default one: the whole tensor) updates the statistics `pre_conds` (H^i), the roots `inv_pre_conds` (P^i) when due; `graft_sum` and `momentum_buffer`"
+    g = grad.lerp(momentum_buffer, where(step > 1, momentum, 0.0))           # (1-μ) g_t + μ U_{t-1}
+    a = graft_direction(g, graft_sum, graft_type, diagonal_eps)               # A_t
+    g_full = full_tensor(g)
+    started = step >= start_preconditioning_step                              # s
+    recompute = started and (step - start_preconditioning_step) % preconditioning_compute_steps == 0  # s, s+K, ...
+    blocks = blocks or [tuple(slice(0, n) for n in g_full.shape)]
+    shampoo = dict(order=g_full.dim(), recompute=recompute, matrix_eps=matrix_eps)
+    if len(blocks) == 1: u = precondition_block(g_full, pre_conds[0], inv_pre_conds[0], **shampoo)
+    else:
+        u = torch.empty_like(g_full)
+        for block, hs, ps in zip(blocks, pre_conds, inv_pre_conds): u[block] = precondition_block(g_full[block], hs, ps, **shampoo)
     if not started: u = a.clone()                                             # the grafted method's own step
     else:
-        u = g_full
-        for p in inv_pre_conds:                    # contract dimension 0 with P^i; it comes back as the last one,
-            u = torch.tensordot(u, p, dims=([0], [0])) if p.dim() == 2 else u.movedim(0, -1) * p  # so after k: in order
         u = local_shard_like(u.contiguous(), g)
         if graft_type != 'none':                   # Shampoo's direction, the graft's norm (whole-tensor norms)
             u = u * (torch.linalg.vector_norm(a) / torch.linalg.vector_norm(u).clamp_min(torch.finfo(u.dtype).tiny))
@@ -62,11 +82,11 @@ def shampoo_update(grad: Tensor, momentum_buffer: Tensor, pre_conds: list[Tensor
 @register(paper='Shampoo: Preconditioned Stochastic Tensor Optimization', year=2018,
           url='https://arxiv.org/abs/1802.09568', chapter='28_shampoo')
 class Shampoo(LabOptimizer):
-    "Shampoo: one (inverse-root) preconditioner per tensor dimension, diagonal above `max_precond_dim`, its step norm grafted from AdaGrad"
+    "Shampoo as practitioners run it: roots every 20 steps after a 20-step AdaGrad warm-up, blocks of 512, the step norm grafted from AdaGrad"
     constraints = dict(momentum=Beta, preconditioning_compute_steps=PositiveInt, matrix_eps=Positive,
                        max_precond_dim=PositiveInt, graft_type=OneOf(('none', 'sgd', 'adagrad')),
-                       start_preconditioning_step=PositiveInt, diagonal_eps=Positive)
-    fastai_hypers = {'momentum': 'mom'}
+                       start_preconditioning_step=PositiveInt, diagonal_eps=Positive, block_size=RangeOrNone(1))
+    fastai_hypers = {'momentum': 'mom'}         # fastai's fit_one_cycle needs a 'mom': pass moms=(0, 0, 0) (see the fastai cell)
     compile_refusal = ("its inverse roots are eigendecompositions recomputed on a schedule of steps (a branch on the step "
                        "count), on matrices gathered whole from sharded parameters")
     update_fn = staticmethod(shampoo_update)
@@ -77,36 +97,48 @@ class Shampoo(LabOptimizer):
                  momentum: float = 0.0,                  # μ: mix (1-μ) g_t + μ U_{t-1} (pytorch-optimizer's momentum)
                  weight_decay: float = 0.0,              # λ
                  decoupled_wd: bool = False,             # decay as θ ← (1 - ηλ)θ instead of g ← g + λθ
-                 preconditioning_compute_steps: int = 1, # K: recompute the inverse roots on steps 1, 1+K, 1+2K, ...
+                 preconditioning_compute_steps: int = 20,# K: recompute the inverse roots on steps s, s+K, s+2K, ...
                  matrix_eps: float = 1e-6,               # ε: H^i starts at εI; eigenvalues are floored at ε
-                 max_precond_dim: int = 1024,            # larger dimensions get diagonal statistics
+                 max_precond_dim: int = 8192,            # larger dimensions get diagonal statistics
                  graft_type: str = 'adagrad',            # the step's norm: 'adagrad', 'sgd' or 'none' (the paper's rule)
-                 start_preconditioning_step: int = 1,    # s: the grafted step alone before step s
+                 start_preconditioning_step: int = 20,   # s: the grafted step alone before step s
                  diagonal_eps: float = 1e-10,            # AdaGrad graft: g / (√Σg² + diagonal_eps)
+                 block_size: int | None = 512,           # dimensions above this are cut into blocks, each with its own factors
                  maximize: bool = False,                 # ascend instead of descend
                  **kwargs):                              # `LabOptimizer` options: `skip_nonfinite`
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
                                       preconditioning_compute_steps=preconditioning_compute_steps,
                                       matrix_eps=matrix_eps, max_precond_dim=max_precond_dim, graft_type=graft_type,
                                       start_preconditioning_step=start_preconditioning_step, diagonal_eps=diagonal_eps,
-                                      maximize=maximize), **kwargs)
+                                      block_size=block_size, maximize=maximize), **kwargs)
+
+    @staticmethod
+    def _blocks(p, group): return shampoo_blocks(p.shape, group['max_precond_dim'], group['block_size'])
+
+    @staticmethod
+    def _key(name: str, i: int, j: int, n_blocks: int) -> str:
+        "State key of dimension i's statistic (or root) in block j: `pre_cond_{i}` when the tensor is one block"
+        return f'{name}_{i}' if n_blocks == 1 else f'{name}_{i}_block_{j}'
 
     def prepare_state(self, p, state, group):
-        "On a tensor's first step: εI (or ε·1 above `max_precond_dim`) and a zero root for every dimension; AdaGrad's sum when grafting from it"
+        "On a tensor's first step: εI (or ε·1 above `max_precond_dim`) and a zero root for every dimension of every block; AdaGrad's sum when grafting from it"
         dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
         if group['graft_type'] == 'adagrad' and 'graft_sum' not in state: state['graft_sum'] = torch.zeros_like(p, dtype=dtype)
-        if 'pre_cond_0' in state or p.dim() == 0: return
-        for i, n in enumerate(p.shape):
-            full = n <= group['max_precond_dim']
-            state[f'pre_cond_{i}'] = (torch.eye(n, dtype=dtype, device=p.device) if full else
-                                      torch.ones(n, dtype=dtype, device=p.device)) * group['matrix_eps']
-            state[f'inv_pre_cond_{i}'] = torch.zeros_like(state[f'pre_cond_{i}'])
+        blocks = self._blocks(p, group)
+        if p.dim() == 0 or self._key('pre_cond', 0, 0, len(blocks)) in state: return
+        for j, block in enumerate(blocks):
+            for i, (n, cut) in enumerate(zip(p.shape, block)):
+                key, size = self._key('pre_cond', i, j, len(blocks)), cut.stop - cut.start
+                state[key] = (torch.eye(size, dtype=dtype, device=p.device) if n <= group['max_precond_dim'] else
+                              torch.ones(size, dtype=dtype, device=p.device)) * group['matrix_eps']
+                state[self._key('inv_pre_cond', i, j, len(blocks))] = torch.zeros_like(state[key])
 
     def update(self, p, grad, state, group):
-        order = p.dim()
-        return self.update_fn(grad, state['momentum_buffer'], [state[f'pre_cond_{i}'] for i in range(order)],
-                              [state[f'inv_pre_cond_{i}'] for i in range(order)], state.get('graft_sum'),
+        blocks, order = self._blocks(p, group), p.dim()
+        stats = [[state[self._key('pre_cond', i, j, len(blocks))] for i in range(order)] for j in range(len(blocks))]
+        roots = [[state[self._key('inv_pre_cond', i, j, len(blocks))] for i in range(order)] for j in range(len(blocks))]
+        return self.update_fn(grad, state['momentum_buffer'], stats, roots, state.get('graft_sum'),
                               step=state['step'], momentum=group['momentum'], matrix_eps=group['matrix_eps'],
                               preconditioning_compute_steps=group['preconditioning_compute_steps'],
                               graft_type=group['graft_type'], diagonal_eps=group['diagonal_eps'],
-                              start_preconditioning_step=group['start_preconditioning_step'])
+                              start_preconditioning_step=group['start_preconditioning_step'], blocks=blocks)
