@@ -9,3 +9,4 @@ from .conjugate_gradient import *
 from .gradient_estimators import *
 from .ops import *
 from .trust_region import *
+from .quasi_newton import *
