@@ -11,9 +11,10 @@ from torch import Tensor
 
 from ..core import LabOptimizer, Beta, NonNegative, Positive, add_, addcmul_, sqrt, where
 from ..registry import register
+from .sadam import softplus_denominator
 
 # %% auto #0
-__all__ = ['safe_ratio', 'duv_adam_update', 'DuvAdam', 'su_adam_update', 'SUAdam', 'softplus', 'b_adam_update', 'BAdam']
+__all__ = ['safe_ratio', 'duv_adam_update', 'DuvAdam', 'su_adam_update', 'SUAdam', 'b_adam_update', 'BAdam']
 
 # %% ../../nbs/17_experimental.ipynb #e748fdd8
 def safe_ratio(num: Tensor, den: Tensor, eps: float) -> Tensor:
@@ -98,12 +99,6 @@ class SUAdam(LabOptimizer):
                               beta2=beta2, eps=group['eps'], min_scale=group['min_scale'])
 
 # %% ../../nbs/17_experimental.ipynb #2c5ab0f6
-def softplus(x: Tensor, beta: float) -> Tensor:
-    "log(1 + exp(beta x)) / beta, exact and without overflow for any x"
-    # torch's fused kernel (one pass, ~4x faster than composing exp and log1p); it returns x where beta x > 40,
-    # where the omitted log(1 + exp(-beta x)) / beta < 5e-18 / beta is below float64 rounding of x
-    return F.softplus(x, beta=beta, threshold=40.0)
-
 def b_adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_diff: Tensor, prev_grad: Tensor,
                   prev_update: Tensor, *, step: int, lr: float, beta1: float, beta2: float, smooth: float,
                   min_scale: float) -> Tensor:
@@ -112,11 +107,11 @@ def b_adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_diff: Te
     exp_avg.lerp_(grad, 1 - beta1)                                        # m_t
     layer_scale = param.abs().mean().clamp_min(min_scale)                 # ε_t
     scale = layer_scale / (1 - beta1 ** step)                             # ε_t / (1 - β1^t): ε_t m_hat = scale m_t
-    phi = (grad - prev_grad).div_(softplus(prev_update.abs_(), smooth))   # Φ_t (|s_{t-1}| in place: s is rewritten below)
+    phi = (grad - prev_grad).div_(softplus_denominator(prev_update.abs_(), smooth))   # Φ_t (|s_{t-1}| in place: s is rewritten below)
     keep = where(first, 1.0, beta2)
     add_(exp_avg_diff.mul_(keep), phi, alpha=1 - keep)                    # v_t (v_1 = v_0 = 0)
     v_hat = torch.div(exp_avg_diff, where(first, 1.0, 1 - beta2 ** (step - 1)), out=phi)  # v_hat_t, in Φ_t's buffer
-    denom = where(first, 1.0, softplus(v_hat.abs_(), smooth))             # sp(|v_hat_t|); 1 at t = 1: a momentum step
+    denom = where(first, 1.0, softplus_denominator(v_hat.abs_(), smooth))             # sp(|v_hat_t|); 1 at t = 1: a momentum step
     direction = torch.div(exp_avg, denom).mul_(scale)                     # ε_t m_hat / sp(|v_hat_t|)
     prev_grad.copy_(grad)
     torch.mul(direction, lr, out=prev_update)                             # s_t
@@ -129,7 +124,6 @@ class BAdam(LabOptimizer):
     constraints = dict(betas=(Beta, Beta), smooth=Positive, min_scale=Positive)
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     update_fn = staticmethod(b_adam_update)
-    static_hypers = ('smooth',)                 # softplus's `beta=` takes a Python number
     state_buffers = ('exp_avg', 'exp_avg_diff', 'prev_grad', 'prev_update')  # m, v, g_{t-1}, s_{t-1}
 
     def __init__(self, params,

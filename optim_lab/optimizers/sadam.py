@@ -15,15 +15,13 @@ from .radam import radam_rectifier, radam_rho, rectifier_or_zero
 from ..core import where
 
 # %% auto #0
-__all__ = ['SOFTPLUS_THRESHOLD', 'softplus_denominator', 'sadam_update', 'SAdam', 'sradam_update', 'SRAdam']
+__all__ = ['softplus_denominator', 'sadam_update', 'SAdam', 'sradam_update', 'SRAdam']
 
 # %% ../../nbs/13_sadam.ipynb #f1d4735b
-SOFTPLUS_THRESHOLD = 40.0  # softplus(x) returns x beyond smooth*x > 40: exact to float64 precision, no overflow
-
-def softplus_denominator(x: Tensor, smooth: float, scale: float = 1.0) -> Tensor:
-    "scale * sp_smooth(x / scale), sp_smooth(x) = log(1 + exp(smooth * x)) / smooth, without overflow or forming x / scale"
-    k = smooth / scale                                              # c sp_β(x/c) = sp_{β/c}(x) = sp_1(kx) / k
-    return F.softplus(x * k, threshold=SOFTPLUS_THRESHOLD).div_(k)  # (softplus's `beta=` takes Python numbers only)
+def softplus_denominator(x: Tensor, smooth, scale=1.0) -> Tensor:
+    "scale · sp_smooth(x / scale) for x ≥ 0, sp_smooth(x) = log(1 + exp(smooth · x)) / smooth: no overflow, no x / scale formed"
+    k = smooth / scale                                        # c sp_β(x/c) = sp_{β/c}(x)
+    return torch.exp(x * -k).add_(1).log_().div_(k).add_(x)   # x + log(1 + e^{-kx}) / k
 
 # %% ../../nbs/13_sadam.ipynb #d94923ec
 def sadam_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, beta1: float, beta2: float,
