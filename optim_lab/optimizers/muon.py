@@ -10,7 +10,7 @@ from torch import Tensor
 from ..core import LabOptimizer, Beta, NonNegative, Flag, PositiveInt, LOW_PRECISION, add, add_
 from ..registry import register
 from ..distributed import full_tensor, local_shard_like
-from ..toolkit.spectral import newton_schulz
+from ..toolkit.spectral import newton_schulz, ns_schedule, NSCoeffs
 from .adam import adam_update
 
 # %% auto #0
@@ -23,15 +23,16 @@ MUON_COEFFS = (3.4445, -4.7750, 2.0315)   # Keller Jordan's quintic (a, b, c), t
 def orthogonalize(update: Tensor,     # a matrix, a conv kernel (flattened to dim 0 × the rest) or a vector (a column)
                   ns_steps: int = 5,  # K: quintic Newton–Schulz iterations
                   eps: float = 1e-7,  # ε in X₀ = M / (‖M‖_F + ε)
+                  ns_coeffs='original',  # 'original' (Keller Jordan's), 'polar_express', or a list of (a, b, c)
                  ) -> Tensor:
     "≈ UVᵀ of `update` = UΣVᵀ (as a matrix), by Muon's quintic Newton–Schulz; a plain tensor or an FSDP2 DTensor"
     full = full_tensor(update)                                   # the whole matrix on every rank
     x = full.reshape(full.shape[0] if full.dim() else 1, -1)
     norm = torch.linalg.matrix_norm(x)
     s = norm / (norm + eps)                                      # ‖X₀‖_F: newton_schulz starts from ‖X‖_F = 1
-    a, b, c = MUON_COEFFS
+    (a, b, c), *rest = ns_schedule(ns_coeffs, ns_steps)
     first = (a * s, b * s ** 3, c * s ** 5)                      # p(sσ): the first step starts from Muon's X₀
-    o = newton_schulz(x, [first] + [MUON_COEFFS] * (ns_steps - 1))
+    o = newton_schulz(x, [first] + rest)
     return local_shard_like(o.reshape(full.shape), update)      # this rank's rows
 
 # %% ../../nbs/64_muon.ipynb #2c45f0e4
@@ -39,23 +40,25 @@ def muon_update(grad: Tensor, momentum_buffer: Tensor, *,
                 momentum,           # μ
                 nesterov: bool,     # step along (1-μ)G + μB instead of B
                 ns_steps: int,      # K: Newton–Schulz iterations
+                ns_coeffs='original',  # the Newton–Schulz schedule (see `orthogonalize`)
                ) -> Tensor:
     "Muon's direction √max(1, m/n)·O_t; updates `momentum_buffer` (B) in place; `grad` is not modified"
     momentum_buffer.lerp_(grad, 1 - momentum)                              # B_t
     m = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer  # M_t
     rows = m.shape[0] if m.dim() else 1
-    return orthogonalize(m, ns_steps).mul_(max(1, rows / (m.numel() // rows)) ** 0.5)
+    return orthogonalize(m, ns_steps, ns_coeffs=ns_coeffs).mul_(max(1, rows / (m.numel() // rows)) ** 0.5)
 
 # %% ../../nbs/64_muon.ipynb #3ef04d42
 @register(paper='Muon: An optimizer for hidden layers in neural networks (Keller Jordan et al., blog post)',
           year=2024, url='https://kellerjordan.github.io/posts/muon/', chapter='64_muon')
 class Muon(LabOptimizer):
     "Muon: orthogonalised Nesterov momentum for matrices (conv kernels flattened), AdamW for everything else"
-    constraints = dict(momentum=Beta, nesterov=Flag, ns_steps=PositiveInt, adamw_lr=NonNegative,
+    constraints = dict(momentum=Beta, nesterov=Flag, ns_steps=PositiveInt, ns_coeffs=NSCoeffs(), adamw_lr=NonNegative,
                        adamw_betas=(Beta, Beta), adamw_eps=NonNegative, adamw_wd=NonNegative, use_muon=Flag, lr0=NonNegative)
     fastai_hypers = {'momentum': 'mom'}
     handles_weight_decay = True            # matrices: (1 - ηλ); the AdamW tensors: their own (1 - η'λ')
-    static_hypers = ('ns_steps', 'lr0')    # the number of iterations is structure; lr0 is fixed when a group is added
+    static_hypers = ('ns_steps', 'ns_coeffs', 'lr0')  # the iteration is structure; lr0 is fixed when a group is added
+    matrix_state = ('momentum_buffer',)    # the state of a tensor that takes the matrix rule
     update_fn = staticmethod(muon_update)
 
     def __init__(self, params,
@@ -63,6 +66,7 @@ class Muon(LabOptimizer):
                  momentum: float = 0.95,            # μ
                  nesterov: bool = True,             # orthogonalise (1-μ)G + μB instead of B
                  ns_steps: int = 5,                 # K: quintic Newton–Schulz iterations
+                 ns_coeffs='original',              # 'original', 'polar_express' or a list of (a, b, c) (chapter 44)
                  weight_decay: float = 0.0,         # λ for the matrices
                  adamw_lr: float = 3e-4,            # AdamW's step size for the other tensors while lr = lr0 (it follows lr)
                  adamw_betas: tuple = (0.9, 0.95),  # AdamW's (β1, β2)
@@ -71,7 +75,7 @@ class Muon(LabOptimizer):
                  decoupled_wd: bool = True,         # matrices decay as W ← (1 - ηλ)W (the reference); False: G ← G + λW
                  maximize: bool = False,            # ascend instead of descend
                  **kwargs):                         # `LabOptimizer` options: `compile`, `skip_nonfinite`
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_coeffs=ns_coeffs,
                                       weight_decay=weight_decay, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
                                       adamw_eps=adamw_eps, adamw_wd=adamw_wd, decoupled_wd=decoupled_wd,
                                       maximize=maximize), **kwargs)
@@ -91,15 +95,28 @@ class Muon(LabOptimizer):
     def prepare_state(self, p, state, group):
         "The momentum B for a Muon tensor, AdamW's m and v for the others (created when first needed)"
         dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
-        for name in ('momentum_buffer',) if self.uses_muon(p, group) else ('exp_avg', 'exp_avg_sq'):
-            if name not in state: state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        for name in self.matrix_state if self.uses_muon(p, group) else ('exp_avg', 'exp_avg_sq'):
+            if name not in state: state[name] = torch.zeros_like(self.state_shape(p, name), dtype=dtype,
+                                                                 memory_format=torch.preserve_format)
+
+    def state_shape(self, p: Tensor, name: str) -> Tensor:
+        "A tensor shaped like the state buffer `name` of `p` (a subclass with smaller buffers returns a slice of `p`)"
+        return p
 
     def update(self, p, grad, state, group):
         if self.uses_muon(p, group):
             if group['decoupled_wd']: p.mul_(1 - group['lr'] * group['weight_decay'])
             else: grad = add(grad, p, alpha=group['weight_decay'])
-            return self.update_fn(grad, state['momentum_buffer'], momentum=group['momentum'],
-                                  nesterov=group['nesterov'], ns_steps=group['ns_steps'])
+            return self.matrix_update(p, grad, state, group)
+        self.adamw_step(p, grad, state, group)
+
+    def matrix_update(self, p, grad, state, group):
+        "The direction of a tensor that takes the matrix rule (weight decay already applied)"
+        return self.update_fn(grad, state['momentum_buffer'], momentum=group['momentum'], nesterov=group['nesterov'],
+                              ns_steps=group['ns_steps'], ns_coeffs=group['ns_coeffs'])
+
+    def adamw_step(self, p, grad, state, group):
+        "torch.optim.AdamW's step on `p` in place, at `adamw_lr` scaled by lr/lr0"
         lr0 = group.get('lr0')                                                  # a number, also under compile
         lr = group['adamw_lr'] * (group['lr'] / lr0) if lr0 else group['adamw_lr']   # follows lr's schedule
         beta1, beta2 = group['adamw_betas']                                     # torch.optim.AdamW, line by line

@@ -4,13 +4,15 @@
 
 # %% ../../nbs/44_spectral.ipynb #9791757b
 from __future__ import annotations
+import math, numbers
 import torch
 from torch import Tensor
 
 from ..distributed import full_tensor, local_shard_like
 
 # %% auto #0
-__all__ = ['NS_COEFFS', 'newton_schulz', 'spectral_clip_matrices', 'spectral_clip']
+__all__ = ['NS_COEFFS', 'KELLER_JORDAN', 'POLAR_EXPRESS', 'POLAR_EXPRESS_SAFETY', 'NS_SCHEDULES', 'polar_express_schedule',
+           'ns_schedule', 'NSCoeffs', 'newton_schulz', 'spectral_clip_matrices', 'spectral_clip']
 
 # %% ../../nbs/44_spectral.ipynb #77bf0b87
 NS_COEFFS = ((3.5318, -4.7911, 1.9388),   # (a, b, c) of p(σ) = aσ + bσ³ + cσ⁵, one triple per iteration
@@ -20,15 +22,63 @@ NS_COEFFS = ((3.5318, -4.7911, 1.9388),   # (a, b, c) of p(σ) = aσ + bσ³ + c
              (2.2948, -2.0951, 0.7895),
              (2.1535, -1.8338, 0.6869))
 
+# %% ../../nbs/44_spectral.ipynb #187223d3
+KELLER_JORDAN = (3.4445, -4.7750, 2.0315)    # Muon's quintic: the same triple at every iteration
+POLAR_EXPRESS = ((8.28721201814563, -23.595886519098837, 17.300387312530933),   # the paper's table: degree 5,
+                 (4.107059111542203, -2.9478499167379106, 0.5448431082926601),  # optimal from [1e-3, 1],
+                 (3.9486908534822946, -2.908902115962949, 0.5518191394370137),  # before its safety factor
+                 (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+                 (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+                 (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+                 (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+                 (1.875, -1.25, 0.375))                                          # the limit: later steps repeat it
+POLAR_EXPRESS_SAFETY = 1.01
+
+# %% ../../nbs/44_spectral.ipynb #39e84dc0
+def _at(p, s):
+    "The triple of x ↦ p(x/s)"
+    a, b, c = p
+    return (a / s, b / s ** 3, c / s ** 5)
+
+def polar_express_schedule(steps: int = 5, table=POLAR_EXPRESS, safety: float = POLAR_EXPRESS_SAFETY) -> list:
+    "The Polar Express triples for `steps` iterations with the safety factor, the input's 1/s folded into the first"
+    safe = [_at(p, safety) for p in table[:-1]] + [tuple(table[-1])]
+    triples = [safe[min(k, len(safe) - 1)] for k in range(steps)]
+    return [_at(triples[0], safety)] + triples[1:]
+
+# %% ../../nbs/44_spectral.ipynb #65bf6d06
+NS_SCHEDULES = ('original', 'polar_express')
+
+def ns_schedule(coeffs, steps: int | None = None) -> list:
+    "One (a, b, c) per iteration from a schedule's name, one triple, or a sequence of triples (its last reused)"
+    if isinstance(coeffs, str):
+        if coeffs == 'polar_express': return polar_express_schedule(5 if steps is None else steps)
+        if coeffs != 'original': raise ValueError(f"unknown Newton–Schulz schedule {coeffs!r}; known: {NS_SCHEDULES}")
+        coeffs, steps = [KELLER_JORDAN], 5 if steps is None else steps
+    if len(coeffs) == 3 and not isinstance(coeffs[0], (tuple, list)): coeffs = [coeffs]   # a single triple
+    if steps is None: return list(coeffs)
+    return [coeffs[min(k, len(coeffs) - 1)] for k in range(steps)]
+
+class NSCoeffs:
+    "The hyperparameter constraint for `ns_coeffs`: a schedule's name or a non-empty list of finite (a, b, c)"
+    def allows(self, x) -> bool:
+        if isinstance(x, str): return x in NS_SCHEDULES
+        try: triples = ns_schedule(x)
+        except (TypeError, ValueError): return False
+        return len(triples) > 0 and all(isinstance(t, (tuple, list)) and len(t) == 3 and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in t) for t in triples)
+    def __str__(self): return f"one of {NS_SCHEDULES} or a list of (a, b, c) tuples"
+
 # %% ../../nbs/44_spectral.ipynb #0e0136b0
 def newton_schulz(m: Tensor,               # a matrix, or a batch of matrices (..., rows, cols)
-                  coeffs=NS_COEFFS,        # one (a, b, c) per iteration
+                  coeffs=NS_COEFFS,        # 'original', 'polar_express', one triple or one (a, b, c) per iteration
+                  steps: int | None = None,# iterations (None: the schedule's own length; a name's default, 5)
                  ) -> Tensor:
     "Approximate msign(m) = UVᵀ (per matrix of a batch) by quintic Newton–Schulz iterations"
     wide = m.shape[-2] < m.shape[-1]
     x = m.mT if wide else m                                   # tall: Xᵀ X is the smaller Gram matrix
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-20)   # Frobenius norm ≥ σ_max: σ ∈ (0, 1]
-    for a, b, c in coeffs:
+    for a, b, c in ns_schedule(coeffs, steps):
         gram = x.mT @ x                                       # A = XᵀX
         x = x @ (b * gram + c * (gram @ gram)) + a * x        # X (aI + bA + cA²)
     return x.mT if wide else x
