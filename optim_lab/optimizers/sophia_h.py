@@ -71,15 +71,15 @@ class SophiaH(LabOptimizer):
     state_buffers = ('exp_avg', 'hessian_moment')   # m, h
 
     def __init__(self, params,
-                 lr: float = 6e-2,                      # η: the largest step of a coordinate is η·p
+                 lr: float = 6e-2,                      # step size: a coordinate moves at most lr·p (the paper's η)
                  betas: tuple = (0.96, 0.99),           # (β1, β2): decay rates of m and of h
-                 weight_decay: float = 0.0,             # λ
-                 decoupled_wd: bool = True,             # θ ← (1 - ηλ)θ (default) instead of L2 g ← g + λθ
-                 p: float = 1e-2,                       # the clip: each coordinate of m / max(h, eps) in [-p, p]
+                 weight_decay: float = 0.0,             # λ (the paper's decay coefficient times p)
+                 decoupled_wd: bool = True,             # θ ← (1 - lr·λ)θ (default) instead of L2 g ← g + λθ
+                 p: float = 1e-2,                       # the clip (the paper's γ): m / max(h, eps) kept in [-p, p]
                  update_period: int = 10,               # k: estimate ĥ on steps 1, 1+k, 1+2k, ... (optimizer-wide)
                  num_samples: int = 1,                  # S: probe vectors per estimate (optimizer-wide)
                  hessian_distribution: str = 'gaussian',# z ~ N(0, I) ('gaussian') or fair ±1 ('rademacher')
-                 eps: float = 1e-12,                    # ε: the floor of h in the denominator
+                 eps: float = 1e-12,                    # the floor of h in the denominator (the paper's ε / γ)
                  maximize: bool = False,                # ascend instead of descend
                  seed: int | None = None,               # an int: a private generator for z, saved by state_dict
                  **kwargs):                             # `LabOptimizer` options: `skip_nonfinite`
