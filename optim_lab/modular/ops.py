@@ -321,9 +321,7 @@ class LaplacianSmoothing(Module):
         return var
 
 # %% ../../nbs/67_ops.ipynb #f2886916
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    "⟨a, b⟩ over the whole tensor (a DTensor's shards reduced by torch, not by hand)"
-    return (a * b).sum()
+from ..orthograd import orthogonalize_   # the one projection, shared with the OrthoGrad wrapper (chapter 81)
 
 class OrthoGrad(Module):
     "⊥Grad: u ← u − (⟨θ, u⟩ / (⟨θ, θ⟩ + ε)) θ, rescaled to ‖u‖; per tensor (the authors' code) or over all tensors (torchzero)"
@@ -337,13 +335,7 @@ class OrthoGrad(Module):
         params, update, s = var.params, var.get_update(), self.settings(var)[0]   # one setting: the projection may span groups
         groups = [[i] for i in range(len(params))] if self.defaults['tensorwise'] else [list(range(len(params)))]
         for idx in groups:
-            ps, us = [params[i] for i in idx], [update[i] for i in idx]
-            scale = torch.stack([_dot(p, u) for p, u in zip(ps, us)]).sum() / (torch.stack([_dot(p, p) for p in ps]).sum() + s['eps'])
-            before = torch.stack([_dot(u, u) for u in us]).sum().sqrt() if s['renormalize'] else None
-            for p, u in zip(ps, us): u.sub_(p * scale)
-            if s['renormalize']:
-                after = torch.stack([_dot(u, u) for u in us]).sum().sqrt()
-                for u in us: u.mul_(before / _guard(after))
+            orthogonalize_([params[i] for i in idx], [update[i] for i in idx], eps=s['eps'], renormalize=s['renormalize'])
         return var
 
 # %% ../../nbs/67_ops.ipynb #d6b95d63
