@@ -8,3 +8,9 @@ TOY_LR = {'Shampoo': 0.1, 'SGDP': 0.1, 'AdaHessian': 0.1}
 # the other parameters' Rademacher vectors (and on the shared random stream).
 CROSS_PARAM = {'AdaHessian'}
 LR0_GROUP_HYPERS = {'Nero': {'constraints': False}}  # Nero projects onto its constraint set at any lr, by design
+
+# Shampoo's practical defaults precondition from step 20 on, with blocks of 512: the toy runs (the distributed ones take
+# 5 steps on tensors of at most 16 entries a side) would only see its AdaGrad warm-up. Roots from step 2, recomputed
+# every 2 steps, and blocks of 4 (the 3x16 matrix in four blocks, the 5-channel kernel's rows in two) put the roots,
+# their reuse and the block partitioning under every contract, compile and FSDP2 check.
+TOY_HYPERS = {'Shampoo': dict(start_preconditioning_step=2, preconditioning_compute_steps=2, block_size=4)}

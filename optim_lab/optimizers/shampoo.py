@@ -82,7 +82,7 @@ def shampoo_update(grad: Tensor, momentum_buffer: Tensor, pre_conds: list[list[T
 @register(paper='Shampoo: Preconditioned Stochastic Tensor Optimization', year=2018,
           url='https://arxiv.org/abs/1802.09568', chapter='28_shampoo')
 class Shampoo(LabOptimizer):
-    "Shampoo as practitioners run it: roots every 20 steps after a 20-step AdaGrad warm-up, blocks of 512, the step norm grafted from AdaGrad"
+    "Shampoo as practitioners run it: AdaGrad steps until step 20, then Shampoo's direction with AdaGrad's norm; roots every 20 steps, blocks of 512"
     constraints = dict(momentum=Beta, preconditioning_compute_steps=PositiveInt, matrix_eps=Positive,
                        max_precond_dim=PositiveInt, graft_type=OneOf(('none', 'sgd', 'adagrad')),
                        start_preconditioning_step=PositiveInt, diagonal_eps=Positive, block_size=RangeOrNone(1))
