@@ -9,4 +9,5 @@ from .conjugate_gradient import *
 from .gradient_estimators import *
 from .ops import *
 from .trust_region import *
+from .sketches import *
 from .quasi_newton import *
