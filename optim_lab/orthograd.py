@@ -11,6 +11,7 @@ from torch import Tensor
 from .core import check_hypers, Positive, LOW_PRECISION
 from .registry import load_optimizer
 from .toolkit.wrappers import OptimizerWrapper
+from .optimizers.adafactor_came import _settled   # a DTensor's pending partial sum, carried out
 
 # %% auto #0
 __all__ = ['orthogonalize_', 'OrthoGrad', 'orthograd_opt_func']
@@ -19,13 +20,13 @@ __all__ = ['orthogonalize_', 'OrthoGrad', 'orthograd_opt_func']
 def orthogonalize_(params: list, updates: list, eps: float = 1e-30, renormalize: bool = True) -> list:
     "In place, all the tensors taken as one vector: u ← u − (⟨θ, u⟩ / (⟨θ, θ⟩ + ε)) θ, then rescaled to the norm u had"
     dot = lambda xs, ys: torch.stack([(x * y).sum() for x, y in zip(xs, ys)]).sum()   # whole-tensor reductions (DTensor too)
-    coef = dot(params, updates) / (dot(params, params) + eps)
+    coef = _settled(dot(params, updates) / (dot(params, params) + eps))
     before = dot(updates, updates).sqrt() if renormalize else None
     for p, u in zip(params, updates): u.sub_(p * coef)
     if renormalize:
         after = dot(updates, updates).sqrt()
         parallel = after <= 4 * torch.finfo(after.dtype).eps * before          # u⊥ is rounding: no direction left
-        factor = torch.where(parallel, 0.0, before / after)
+        factor = _settled(torch.where(parallel, 0.0, before / after))
         for u in updates: u.mul_(factor)
     return updates
 

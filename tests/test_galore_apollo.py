@@ -214,3 +214,63 @@ def test_compiled_step_matches_eager(cls):
     eager = run(lambda ps: cls(ps, lr=1e-2, rank=2, update_proj_gap=5), theta0, grads)
     compiled = run(lambda ps: cls(ps, lr=1e-2, rank=2, update_proj_gap=5, compile=True), theta0, grads)
     assert (eager - compiled).abs().max() < 1e-5
+
+
+# %% FSDP2: the sharded step is the one-process step (bit-identical full gradients on both sides)
+
+DIST_SHAPES = [(5, 2, 3, 3), (3, 16), (1, 3), (9, 6), (7,)]   # uneven shards; rank 1 holds no row of (1, 3)
+DIST_STEPS = 9                                                 # refreshes at steps 1, 5, 9
+DIST_OPTS = {'GaLore': lambda ps: GaLore(ps, lr=1e-2, rank=2, update_proj_gap=4, weight_decay=0.1),
+             'APOLLO': lambda ps: APOLLO(ps, lr=1e-2, rank=2, update_proj_gap=4, scale_type='channel')}
+
+
+def _dist_tensors(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(torch.Size(s).numel(), generator=gen).reshape(s) for s in DIST_SHAPES]
+
+
+def _dist_run(name, shard=lambda t: t):
+    params = [torch.nn.Parameter(shard(t)) for t in _dist_tensors(0)]
+    opt = DIST_OPTS[name](params)
+    for t in range(DIST_STEPS):
+        for p, g in zip(params, _dist_tensors(t + 1)): p.grad = shard(g)
+        opt.step()
+    return params, opt
+
+
+def _dist_worker(out_dir):
+    from datetime import timedelta
+    from pathlib import Path
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from optim_lab.distributed import leave_process_group
+    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
+    mesh = init_device_mesh('cpu', (dist.get_world_size(),))
+    results = {}
+    for name in DIST_OPTS:
+        params, opt = _dist_run(name, lambda t: distribute_tensor(t, mesh, [Shard(0)]))
+        sharded_state = all(isinstance(v, DTensor) and v.placements == p.placements
+                            for p in params for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.shape == p.shape)
+        results[name] = dict(weights=[p.full_tensor() for p in params], sharded_state=sharded_state)
+    torch.save(results, Path(out_dir) / f'rank{dist.get_rank()}.pt')
+    leave_process_group()
+
+
+def test_fsdp2_sharded_step_equals_one_process(tmp_path):
+    "The SVD and the random bases see the whole matrix: 2 ranks with Shard(0) parameters take the one-process steps"
+    from optim_lab.distributed import run_ranks
+    run_ranks(__file__, tmp_path, nproc=2, timeout=240)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
+    for name in DIST_OPTS:
+        one, _ = _dist_run(name)
+        assert max((p.detach() - q).abs().max().item() for p, q in zip(one, _dist_tensors(0))) > 1e-2   # it moved
+        for r in ranks:
+            assert r[name]['sharded_state'], f'{name}: a parameter-shaped state tensor is not sharded like its parameter'
+            dev = max((a - b.detach()).abs().max().item() for a, b in zip(r[name]['weights'], one))
+            assert dev < 1e-6, f'{name}: 2 ranks vs one process {dev:.2e}'
+
+
+if __name__ == '__main__':
+    import sys
+    _dist_worker(sys.argv[1])

@@ -132,3 +132,50 @@ def test_sparse_gradient_refused():
     emb(torch.tensor([1])).sum().backward()
     with pytest.raises(RuntimeError, match='OrthoGrad does not support sparse gradients'):
         OrthoGrad(torch.optim.SGD(emb.parameters(), lr=0.1)).step()
+
+
+# %% FSDP2: every inner product and norm is a reduction over the whole (sharded) tensor
+
+DIST_SHAPES = [(5, 2, 3, 3), (3, 16), (1, 3), (7,)]   # uneven shards; rank 1 holds no row of (1, 3)
+
+
+def _dist_tensors(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(torch.Size(s).numel(), generator=gen).reshape(s) for s in DIST_SHAPES]
+
+
+def _dist_run(shard=lambda t: t, steps=6):
+    params = [torch.nn.Parameter(shard(t)) for t in _dist_tensors(0)]
+    opt = OrthoGrad(AdamW, params=params, lr=1e-2)
+    for t in range(steps):
+        for p, g in zip(params, _dist_tensors(t + 1)): p.grad = shard(g)
+        opt.step()
+    return params
+
+
+def _dist_worker(out_dir):
+    from datetime import timedelta
+    from pathlib import Path
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from optim_lab.distributed import leave_process_group
+    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
+    mesh = init_device_mesh('cpu', (dist.get_world_size(),))
+    params = _dist_run(lambda t: distribute_tensor(t, mesh, [Shard(0)]))
+    torch.save([p.full_tensor() for p in params], Path(out_dir) / f'rank{dist.get_rank()}.pt')
+    leave_process_group()
+
+
+def test_fsdp2_sharded_step_equals_one_process(tmp_path):
+    from optim_lab.distributed import run_ranks
+    run_ranks(__file__, tmp_path, nproc=2, timeout=240)
+    one = _dist_run()
+    for r in range(2):
+        dev = max((a - b.detach()).abs().max().item() for a, b in zip(torch.load(tmp_path / f'rank{r}.pt'), one))
+        assert dev < 1e-6, f'rank {r}: 2 ranks vs one process {dev:.2e}'
+
+
+if __name__ == '__main__':
+    import sys
+    _dist_worker(sys.argv[1])
