@@ -5,9 +5,11 @@
 # %% ../../nbs/44_spectral.ipynb #9791757b
 from __future__ import annotations
 import math, numbers
+from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..core import OneOf
 from ..distributed import full_tensor, local_shard_like
 
 # %% auto #0
@@ -59,15 +61,17 @@ def ns_schedule(coeffs, steps: int | None = None) -> list:
     if steps is None: return list(coeffs)
     return [coeffs[min(k, len(coeffs) - 1)] for k in range(steps)]
 
-class NSCoeffs:
-    "The hyperparameter constraint for `ns_coeffs`: a schedule's name or a non-empty list of finite (a, b, c)"
+@dataclass(frozen=True)
+class NSCoeffs(OneOf):
+    "The hyperparameter constraint for `ns_coeffs`: a schedule's name (`values`) or a non-empty list of finite (a, b, c)"
+    values: tuple = NS_SCHEDULES
     def allows(self, x) -> bool:
-        if isinstance(x, str): return x in NS_SCHEDULES
+        if isinstance(x, str): return x in self.values
         try: triples = ns_schedule(x)
-        except (TypeError, ValueError): return False
+        except (TypeError, ValueError, IndexError): return False
         return len(triples) > 0 and all(isinstance(t, (tuple, list)) and len(t) == 3 and all(
             isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in t) for t in triples)
-    def __str__(self): return f"one of {NS_SCHEDULES} or a list of (a, b, c) tuples"
+    def __str__(self): return f"one of {self.values} or a list of (a, b, c) tuples"
 
 # %% ../../nbs/44_spectral.ipynb #0e0136b0
 def newton_schulz(m: Tensor,               # a matrix, or a batch of matrices (..., rows, cols)

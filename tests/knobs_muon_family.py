@@ -1,0 +1,5 @@
+"Toy-problem knobs for chapter 79 (AdaMuon, NorMuon, SCION); merged by conftest.py"
+
+# AdaMuon and NorMuon step the tensors with fewer than two dimensions with AdamW at its own, absolute `adamw_lr`, as
+# Muon does (tests/knobs_muon_soap.py): the two-group test's lr=0 group gets adamw_lr=0 too.
+LR0_GROUP_HYPERS = {'AdaMuon': {'adamw_lr': 0.0}, 'NorMuon': {'adamw_lr': 0.0}}
