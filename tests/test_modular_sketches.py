@@ -340,3 +340,24 @@ def test_float32_training():
                  [m.Shampoo(), m.LR(0.1)], [m.SophiaH(seed=0), m.LR(0.1)]):
         x = path(lambda p: Modular(p, *mods), lambda v: quartic(v.double()).float(), 20, X8.float())
         assert quartic(x[-1].double()) < quartic(X8) - 0.5
+
+
+def test_readme_full_matrix_recipes_run_with_the_import_swapped():
+    "torchzero's README: full-matrix Adam as FullMatrixAdagrad(beta=0.999, inner=EMA(0.9)), and GraftModules(Shampoo(), RMSprop())"
+    import torch
+    from torch import nn
+    import optim_lab.modular as tz
+    for chain in (lambda: [tz.m.FullMatrixAdagrad(beta=0.999, inner=tz.m.EMA(0.9)), tz.m.LR(1e-2)],
+                  lambda: [tz.m.GraftModules(tz.m.Shampoo(), tz.m.RMSprop()), tz.m.LR(1e-2)]):
+        torch.manual_seed(0)
+        model = nn.Linear(10, 1)
+        inputs, targets = torch.randn(20, 10), torch.randn(20, 1)
+        optimizer = tz.Modular(model.parameters(), *chain())
+        losses = []
+        for _ in range(100):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+        assert losses[-1] < 0.8 * losses[0]

@@ -265,3 +265,49 @@ def test_float32_converges():
         return loss
     for _ in range(20): opt.step(closure)
     torch.testing.assert_close(p.detach(), torch.linalg.solve(A, b), rtol=1e-4, atol=1e-4)
+
+
+def test_readme_zeroth_order_chain_runs_with_the_import_swapped():
+    "torchzero's README: GaussianSmoothing, NewtonCG(hvp_method='forward'), AdaptiveBacktracking(), verbatim but for the import"
+    import torch
+    from torch import nn
+    import optim_lab.modular as tz
+    torch.manual_seed(0)
+    class Bench(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.x = nn.Parameter(torch.tensor([-1.1, 2.5]))
+        def forward(self): return (1 - self.x[0]) ** 2 + 100 * (self.x[1] - self.x[0] ** 2) ** 2
+    bench = Bench()
+    opt = tz.Modular(
+        bench.parameters(),
+        tz.m.GaussianSmoothing(h=0.01, n_samples=10),
+        tz.m.NewtonCG(hvp_method='forward'),
+        tz.m.AdaptiveBacktracking(),
+    )
+    def closure(backward=True):
+        loss = bench()
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+    first = float(closure(False))
+    for _ in range(30): opt.step(closure)
+    assert float(closure(False)) < 0.5 * first
+
+
+def test_trust_region_readme_spellings_run():
+    "tz.Optimizer(params, tz.m.TrustRegion(...)) and tz.m.TrustCG(hess_module=tz.m.Newton()) under the import swap"
+    import optim_lab.modular as tz
+    for make in (lambda: tz.m.TrustCG(hess_module=tz.m.Newton()), lambda: tz.m.TrustRegion(tz.m.Newton()),
+                 lambda: tz.m.Dogleg(hess_module=tz.m.Newton())):
+        x = R0.clone().requires_grad_()
+        opt = tz.Optimizer([x], make())
+        def closure(backward=True):
+            loss = rosen(x)
+            if backward:
+                opt.zero_grad(); loss.backward()
+            return loss
+        for _ in range(40): opt.step(closure)
+        g = torch.autograd.functional.jacobian(rosen, x.detach())
+        assert rosen(x.detach()) < rosen(R0) and g.abs().max() < 1e-6   # a stationary point (6-D Rosenbrock has a local one)
