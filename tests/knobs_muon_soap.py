@@ -11,3 +11,7 @@ LR0_GROUP_HYPERS = {'Muon': {'adamw_lr': 0.0}}
 # Its sharded step is checked exactly instead (identical gradients): tests/test_muon_soap.py::test_fsdp2_sharded_step_equals_one_process.
 ROUNDING_CHAOTIC = {'SOAP': 'first-step eigenbases of rank-deficient factors are set by rounding; '
                             'see tests/test_muon_soap.py::test_fsdp2_sharded_step_equals_one_process'}
+
+# SOAP cuts dimensions above block_size (512 by default) into blocks: blocks of 4 put the toy tensors' blocks (each
+# with its own factors, bases and slices of Adam's moments) under the contract and compile checks.
+TOY_HYPERS = {'SOAP': dict(block_size=4)}

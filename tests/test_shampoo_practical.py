@@ -197,3 +197,126 @@ def test_bad_block_size_is_refused(value):
         Shampoo([torch.zeros(3, requires_grad=True)], block_size=value)
     message = str(err.value)
     assert 'Shampoo' in message and 'block_size' in message and ('big' in message if value == 'big' else str(value) in message)
+
+
+# %% SOAP's blocks (chapter 65)
+
+from optim_lab.optimizers.soap import SOAP
+
+
+def _soap_iterates(shape, grads, **hypers):
+    w = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    opt = SOAP([w], lr=1e-2, precondition_frequency=3, **hypers)
+    out = []
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+        out.append(w.detach().clone())
+    return out, opt
+
+
+@pytest.mark.parametrize('hypers', [dict(), dict(weight_decay=0.1, betas=(0.9, 0.99), shampoo_beta=0.8),
+                                    dict(normalize_gradient=True, decoupled_wd=False, weight_decay=0.05)], ids=str)
+def test_blocked_soap_is_soap_on_each_block(hypers):
+    "SOAP (float64-checked in chapter 65 without blocks) run on each block alone gives the blocked SOAP's iterates"
+    # (normalize_gradient too: with blocks, each block's direction is divided by its own RMS)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(9, 6, generator=gen, dtype=torch.float64) for _ in range(25)]
+    blocked, opt = _soap_iterates((9, 6), grads, block_size=4, **hypers)
+    keys = sorted(k for k in opt.state[next(iter(opt.state))] if k.startswith('GG'))
+    assert len(keys) == 2 * 3 * 2                                   # rows 4+4+1, columns 4+2: six blocks, two factors each
+    for rows in (slice(0, 4), slice(4, 8), slice(8, 9)):
+        for cols in (slice(0, 4), slice(4, 6)):
+            alone, _ = _soap_iterates((rows.stop - rows.start, cols.stop - cols.start), [g[rows, cols] for g in grads],
+                                      block_size=None, **hypers)
+            assert max((a[rows, cols] - b).abs().max().item() for a, b in zip(blocked, alone)) < 1e-12
+    unblocked, _ = _soap_iterates((9, 6), grads, block_size=None, **hypers)
+    assert max((a - b).abs().max().item() for a, b in zip(blocked, unblocked)) > 1e-3
+
+
+def test_soap_defaults_and_plain_adam_vectors_stay_whole():
+    w, v = torch.zeros(3, 3, requires_grad=True), torch.zeros(2000, requires_grad=True)
+    opt = SOAP([w, v])
+    g = opt.param_groups[0]
+    assert (g['block_size'], g['precondition_frequency'], g['max_precondition_dim']) == (512, 10, 10000)
+    w.grad, v.grad = torch.randn(3, 3), torch.randn(2000)
+    opt.step()
+    assert sorted(opt.state[v]) == ['exp_avg', 'exp_avg_sq', 'step']    # a long vector is plain Adam: no blocks
+
+
+def test_blocked_soap_resumes_exactly():
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(7, 5, generator=gen) for _ in range(20)]
+    def run(split):
+        w = torch.zeros(7, 5, requires_grad=True)
+        opt = SOAP([w], lr=1e-2, block_size=3, precondition_frequency=2)
+        for t, g in enumerate(grads):
+            if t == split:
+                saved, w = opt.state_dict(), w.detach().clone().requires_grad_()
+                opt = SOAP([w], lr=1e-2, block_size=3, precondition_frequency=2)
+                opt.load_state_dict(saved)
+            w.grad = g.clone()
+            opt.step()
+        return w.detach()
+    assert torch.equal(run(None), run(9))
+
+
+@pytest.mark.parametrize('value', [0, 2.5 - 2, 'big'], ids=repr)
+def test_soap_bad_block_size_is_refused(value):
+    with pytest.raises(ValueError) as err:
+        SOAP([torch.zeros(3, 3, requires_grad=True)], block_size=value)
+    assert 'SOAP' in str(err.value) and 'block_size' in str(err.value)
+
+
+# %% FSDP2: blocked Shampoo and SOAP, the sharded step against one process (identical full gradients on both sides)
+
+DIST_SHAPES = [(5, 2, 3, 3), (3, 16), (9, 6), (7,)]   # uneven Shard(0) shards on 2 ranks; blocks of 4 cut every shape
+DIST_STEPS = 10
+DIST_OPTS = {'Shampoo': lambda ps: Shampoo(ps, lr=0.1, block_size=4, start_preconditioning_step=3, preconditioning_compute_steps=3),
+             'SOAP': lambda ps: SOAP(ps, lr=1e-2, block_size=4, precondition_frequency=3, precondition_1d=True)}
+
+
+def _dist_tensors(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(torch.Size(s).numel(), generator=gen).reshape(s) for s in DIST_SHAPES]
+
+
+def _dist_run(name, shard=lambda t: t):
+    params = [torch.nn.Parameter(shard(t)) for t in _dist_tensors(0)]
+    opt = DIST_OPTS[name](params)
+    for t in range(DIST_STEPS):
+        for p, g in zip(params, _dist_tensors(t + 1)): p.grad = shard(g)
+        opt.step()
+    return params
+
+
+def _dist_worker(out_dir):
+    from datetime import timedelta
+    from pathlib import Path
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from optim_lab.distributed import leave_process_group
+    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
+    mesh = init_device_mesh('cpu', (dist.get_world_size(),))
+    results = {name: [p.full_tensor() for p in _dist_run(name, lambda t: distribute_tensor(t, mesh, [Shard(0)]))]
+               for name in DIST_OPTS}
+    torch.save(results, Path(out_dir) / f'rank{dist.get_rank()}.pt')
+    leave_process_group()
+
+
+def test_blocked_fsdp2_step_equals_one_process(tmp_path):
+    from optim_lab.distributed import run_ranks
+    run_ranks(__file__, tmp_path, nproc=2, timeout=240)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
+    for name in DIST_OPTS:
+        one = _dist_run(name)
+        assert max((p.detach() - q).abs().max().item() for p, q in zip(one, _dist_tensors(0))) > 1e-2   # it moved
+        for r in ranks:
+            dev = max((a - b.detach()).abs().max().item() for a, b in zip(r[name], one))
+            assert dev < 1e-6, f'{name}: 2 ranks vs one process {dev:.2e}'
+
+
+if __name__ == '__main__':
+    import sys
+    _dist_worker(sys.argv[1])

@@ -10,6 +10,7 @@ from torch import Tensor
 from ..core import LabOptimizer, Beta, NonNegative, Flag, OneOf, PositiveInt, RangeOrNone, add, add_
 from ..registry import register
 from ..distributed import full_tensor, local_shard_like
+from .shampoo import shampoo_blocks
 
 # %% auto #0
 __all__ = ['merge_small_dims', 'precondition_view', 'from_view', 'soap_project', 'soap_update_factors', 'soap_eigenbases',
@@ -114,7 +115,7 @@ class SOAP(LabOptimizer):
     constraints = dict(betas=(Beta, Beta), shampoo_beta=RangeOrNone(0, 1, hi_open=True), eps=NonNegative,
                        precondition_frequency=PositiveInt, max_precondition_dim=PositiveInt, merge_dims=Flag,
                        precondition_1d=Flag, correct_bias=Flag, normalize_gradient=Flag,
-                       data_format=OneOf(('channels_first', 'channels_last')))
+                       data_format=OneOf(('channels_first', 'channels_last')), block_size=RangeOrNone(1))
     fastai_hypers = {'betas__0': 'mom', 'betas__1': 'sqr_mom'}
     handles_weight_decay = True                 # decoupled decay after the step, as the authors' code
     compile_refusal = ("its bases are eigendecompositions and QR factorisations, recomputed on a schedule of steps (a "
@@ -129,6 +130,7 @@ class SOAP(LabOptimizer):
                  weight_decay: float = 1e-2,           # λ
                  precondition_frequency: int = 10,     # f: refresh the eigenbases every f steps
                  max_precondition_dim: int = 10000,    # dimensions above this keep the identity
+                 block_size: int | None = 512,         # longer dimensions are cut into blocks, each with its own factors
                  merge_dims: bool = False,             # merge adjacent small dimensions before preconditioning
                  precondition_1d: bool = False,        # give 1-D tensors a factor too (else they take plain Adam)
                  correct_bias: bool = True,            # Adam's bias correction √(1-β2ᵗ)/(1-β1ᵗ)
@@ -140,7 +142,7 @@ class SOAP(LabOptimizer):
                  **kwargs):                            # `LabOptimizer` options: `skip_nonfinite`
         super().__init__(params, dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, weight_decay=weight_decay,
                                       precondition_frequency=precondition_frequency,
-                                      max_precondition_dim=max_precondition_dim, merge_dims=merge_dims,
+                                      max_precondition_dim=max_precondition_dim, block_size=block_size, merge_dims=merge_dims,
                                       precondition_1d=precondition_1d, correct_bias=correct_bias,
                                       normalize_gradient=normalize_gradient, data_format=data_format, eps=eps,
                                       decoupled_wd=decoupled_wd, maximize=maximize), **kwargs)
@@ -148,29 +150,48 @@ class SOAP(LabOptimizer):
     def _view(self, x: Tensor, group: dict) -> Tensor:
         return precondition_view(x, group['merge_dims'], group['max_precondition_dim'], group['data_format'])
 
+    def _blocks(self, view_shape, p, group) -> list:
+        "The blocks of the view, each with its own factors (one block when the tensor takes plain Adam)"
+        if len(view_shape) == 1 and not group['precondition_1d'] and p.dim() <= 1: return [(slice(0, view_shape[0]),)]
+        return shampoo_blocks(view_shape, group['max_precondition_dim'], group['block_size'])
+
+    @staticmethod
+    def _key(name: str, i: int, j: int, n_blocks: int) -> str:
+        "State key of dimension i's factor (or basis) in block j: `GG_{i}` when the view is one block"
+        return f'{name}_{i}' if n_blocks == 1 else f'{name}_{i}_block_{j}'
+
     def prepare_state(self, p, state, group):
-        "On the first step: a zero factor GG_i and basis Q_i for every preconditioned dimension of the view"
+        "On the first step: a zero factor GG_i and basis Q_i for every preconditioned dimension of every block of the view"
         if state['step'] != 0: return
         view = self._view(torch.empty(p.shape, device='meta'), group)
         if view.dim() == 1 and not group['precondition_1d'] and p.dim() <= 1: return
-        dtype = state['exp_avg'].dtype
-        for i, n in enumerate(view.shape):
-            if n <= group['max_precondition_dim']:
-                state[f'GG_{i}'] = torch.zeros(n, n, dtype=dtype, device=p.device)
-                state[f'Q_{i}'] = torch.zeros(n, n, dtype=dtype, device=p.device)
+        dtype, blocks = state['exp_avg'].dtype, self._blocks(view.shape, p, group)
+        for j, block in enumerate(blocks):
+            for i, (n, cut) in enumerate(zip(view.shape, block)):
+                if n > group['max_precondition_dim']: continue
+                size = cut.stop - cut.start
+                for name in ('GG', 'Q'): state[self._key(name, i, j, len(blocks))] = torch.zeros(size, size, dtype=dtype, device=p.device)
 
     def update(self, p, grad, state, group):
         lr, wd = group['lr'], group['weight_decay']
         if not group['decoupled_wd']: grad = add(grad, p, alpha=wd)
         full = full_tensor(grad)                                  # the rotation mixes rows: whole tensors
         g, m, v = (self._view(full_tensor(x), group) for x in (full, state['exp_avg'], state['exp_avg_sq']))
-        order = g.dim()
-        direction = self.update_fn(g, m, v, [state.get(f'GG_{i}') for i in range(order)],
-                                   [state.get(f'Q_{i}') for i in range(order)], step=state['step'],
-                                   beta1=group['betas'][0], beta2=group['betas'][1],
-                                   shampoo_beta=group['shampoo_beta'], eps=group['eps'],
-                                   precondition_frequency=group['precondition_frequency'],
-                                   correct_bias=group['correct_bias'], normalize_gradient=group['normalize_gradient'])
+        order, blocks = g.dim(), self._blocks(g.shape, p, group)
+        hypers = dict(step=state['step'], beta1=group['betas'][0], beta2=group['betas'][1],
+                      shampoo_beta=group['shampoo_beta'], eps=group['eps'],
+                      precondition_frequency=group['precondition_frequency'],
+                      correct_bias=group['correct_bias'], normalize_gradient=group['normalize_gradient'])
+        def block_update(j, block):                               # M, V and the factors of a block are views: updated in place
+            return self.update_fn(g[block], m[block], v[block],
+                                  [state.get(self._key('GG', i, j, len(blocks))) for i in range(order)],
+                                  [state.get(self._key('Q', i, j, len(blocks))) for i in range(order)], **hypers)
+        if len(blocks) == 1: direction = block_update(0, blocks[0])
+        else:
+            parts = [block_update(j, block) for j, block in enumerate(blocks)]
+            direction = None if parts[0] is None else torch.empty_like(g)
+            for block, part in zip(blocks, parts):
+                if direction is not None: direction[block] = part
         for key, new in (('exp_avg', m), ('exp_avg_sq', v)):    # write back (a no-op copy for plain views)
             back = from_view(new, full, group['merge_dims'], group['data_format'])
             state[key].copy_(local_shard_like(back, state[key]))
