@@ -209,10 +209,11 @@ def _dist_tensors(seed):
     return [torch.randn(torch.Size(s).numel(), generator=gen).reshape(s) for s in DIST_SHAPES]
 
 
-def _dist_run(shard=lambda t: t):
+def _dist_run(shard=lambda t: t, seed=0):
+    "DIST_STEPS steps on fixed gradients; the probes drawn from torch seed `seed` (each rank: its own)"
     params = [nn.Parameter(shard(t)) for t in _dist_tensors(0)]
     opt = Kron(params, lr=0.05, weight_decay=0.1, min_ndim_triangular=1)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     for t in range(DIST_STEPS):
         for p, g in zip(params, _dist_tensors(t + 1)): p.grad = shard(g)
         opt.step()
@@ -228,16 +229,56 @@ def _dist_worker(out_dir):
     from optim_lab.distributed import leave_process_group
     dist.init_process_group('gloo', timeout=timedelta(seconds=60))
     mesh = init_device_mesh('cpu', (dist.get_world_size(),))
-    if dist.get_rank() == 1: torch.manual_seed(1234); torch.randn(17)   # a different generator state on rank 1
-    params, opt = _dist_run(lambda t: distribute_tensor(t, mesh, [Shard(0)]))
+    rank = dist.get_rank()
+    params, opt = _dist_run(lambda t: distribute_tensor(t, mesh, [Shard(0)]), seed=rank)   # each rank its own seed
     sharded = all(isinstance(v, DTensor) and v.placements == p.placements
                   for p in params for k, v in opt.state[p].items() if torch.is_tensor(v) and v.shape == p.shape)
-    results = dict(weights=[p.full_tensor() for p in params], sharded_state=sharded)
+    replicated, _ = _dist_run(seed=rank)        # plain tensors in a process group, as under DDP
+    results = dict(weights=[p.full_tensor() for p in params], sharded_state=sharded,
+                   replicated=[p.detach().clone() for p in replicated])
+    results['dcp'] = _dcp_round_trip(mesh, rank, Path(out_dir) / 'ckpt')
     torch.save(results, Path(out_dir) / f'rank{dist.get_rank()}.pt')
     leave_process_group()
 
 
+def _dcp_round_trip(mesh, rank, path):
+    """The contract network under FSDP2: 5 steps straight, and 3 steps, `dcp.save` (with the generator's state beside
+    it, as a training loop checkpoints it), a fresh model and optimizer, `dcp.load`, the generator restored, 2 steps"""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from test_distributed import contract_data, fsdp_model, half, loss_fn
+    x, y = (half(t, rank) for t in contract_data())
+    def fresh():
+        model = fsdp_model(mesh)
+        return model, Kron(model.parameters(), lr=1e-2)
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            loss_fn(model, x, y).backward()
+            opt.step()
+    torch.manual_seed(rank)
+    model, opt = fresh()
+    train(model, opt, 5)
+    straight = [p.full_tensor() for p in model.parameters()]
+    torch.manual_seed(rank)
+    model, opt = fresh()
+    train(model, opt, 3)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({'model': msd, 'optim': osd}, checkpoint_id=str(path))
+    rng = torch.get_rng_state()
+    model, opt = fresh()
+    msd, osd = get_state_dict(model, opt)
+    loaded = {'model': msd, 'optim': osd}
+    dcp.load(loaded, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=loaded['model'], optim_state_dict=loaded['optim'])
+    torch.set_rng_state(rng)
+    train(model, opt, 2)
+    return straight, [p.full_tensor() for p in model.parameters()]
+
+
 def test_fsdp2_sharded_step_equals_one_process(tmp_path):
+    """FSDP2 and replicated (DDP-style) tensors on 2 ranks seeded differently: both ranks take rank 0's probes; a
+    torch.distributed.checkpoint round trip with the generator's state restored continues bit for bit"""
     from optim_lab.distributed import run_ranks
     run_ranks(__file__, tmp_path, nproc=2, timeout=240)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
@@ -248,6 +289,11 @@ def test_fsdp2_sharded_step_equals_one_process(tmp_path):
         assert r['sharded_state'], 'a parameter-shaped state tensor is not sharded like its parameter'
         dev = max((a - b.detach()).abs().max().item() for a, b in zip(r['weights'], one))
         assert dev < 1e-6, f'2 ranks vs one process {dev:.2e}'
+        assert all(torch.equal(a, b.detach()) for a, b in zip(r['replicated'], one)), 'replicas differ from rank 0'
+        straight, resumed = r['dcp']
+        assert all(torch.equal(a, b) for a, b in zip(straight, resumed)), 'dcp round trip: not the uninterrupted run'
+    other, _ = _dist_run(seed=1)                 # the test has teeth: rank 1's own probes give other weights
+    assert max((p.detach() - q.detach()).abs().max().item() for p, q in zip(other, one)) > 1e-4
 
 
 if __name__ == '__main__':

@@ -125,10 +125,14 @@ class ProbabilityOrSchedule(RangeOrNone):
 
 # %% ../../nbs/77_kron.ipynb #f181373d
 def _on_every_rank(x: Tensor, like: Tensor) -> Tensor:
-    "`x` as drawn on the first rank of `like`'s mesh when `like` is a DTensor (a broadcast), else `x`"
-    if not hasattr(like, 'device_mesh'): return x
-    from torch.distributed.tensor import distribute_tensor, Replicate
-    return distribute_tensor(x, like.device_mesh, [Replicate()] * like.device_mesh.ndim).to_local()
+    """`x` as drawn on the first rank: for a DTensor `like` over its mesh, for a plain tensor over the default process
+    group when one is running (DDP: every replica must fit the same Q); `x` itself in a single process"""
+    if hasattr(like, 'device_mesh'):
+        from torch.distributed.tensor import distribute_tensor, Replicate
+        return distribute_tensor(x, like.device_mesh, [Replicate()] * like.device_mesh.ndim).to_local()
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1: dist.broadcast(x, src=0)
+    return x
 
 # %% ../../nbs/77_kron.ipynb #673ef6e3
 PRECONDITION_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
