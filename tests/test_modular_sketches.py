@@ -5,13 +5,16 @@ randomized pieces with fixed seeds; signatures, bad arguments, state_dict resume
 import copy
 import inspect
 import math
+import sys
 
 import pytest
 import torch
 
 from optim_lab.modular import Modular, m
 
-tz = pytest.importorskip('torchzero')
+WORKER = __name__ == '__main__' and sys.argv[1:] == ['worker']   # a rank of the sharded test at the end: no torchzero needed
+if not WORKER:
+    tz = pytest.importorskip('torchzero')
 DT = torch.float64
 
 _g = torch.Generator().manual_seed(0)
@@ -361,3 +364,54 @@ def test_readme_full_matrix_recipes_run_with_the_import_swapped():
             optimizer.step()
             losses.append(float(loss))
         assert losses[-1] < 0.8 * losses[0]
+
+
+
+# ---------------------------------------------------------------- FSDP2-style sharded parameters: 2 gloo ranks, DTensors sharded on dim 0
+DIST_SPECS = {'FullMatrixAdagrad': [('FullMatrixAdagrad', {})], 'FullMatrixAdagrad-per-param': [('FullMatrixAdagrad', dict(concat_params=False))],
+              'Shampoo': [('Shampoo', dict(precond_freq=2))], 'Shampoo-no-merge': [('Shampoo', dict(precond_freq=2, merge_small=False, beta=0.9))]}
+DIST_SHAPES = ((5,), (3, 4), (1, 6))   # 5 rows on 2 ranks: 3 + 2; one row: rank 1 holds none
+
+
+def dist_run(spec, shard=None):
+    "6 steps; `shard(t)` makes a parameter's tensor a DTensor on the 2 ranks (None: one process)"
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(s, generator=g, dtype=DT) for s in DIST_SHAPES]
+    ps = [torch.nn.Parameter(shard(t) if shard else t.clone()) for t in full]
+    opt = Modular(ps, *[getattr(m, n)(**kw) for n, kw in spec], m.LR(0.1))
+    for t in range(6):
+        whole = [(p.full_tensor() if shard else p.detach()).clone().requires_grad_() for p in ps]
+        loss = sum(((w - 0.5) ** 2).sum() * (1 + t % 3) + (w ** 4).sum() + w.sum() ** 2 for w in whole)
+        for p, gr in zip(ps, torch.autograd.grad(loss, whole)): p.grad = shard(gr) if shard else gr
+        opt.step()
+    return [(p.full_tensor() if shard else p.detach()).tolist() for p in ps]
+
+
+def _worker():
+    import json
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor, Shard
+    dist.init_process_group('gloo')
+    mesh = init_device_mesh('cpu', (2,))
+    out = {name: dist_run(spec, lambda t: distribute_tensor(t, mesh, [Shard(0)])) for name, spec in DIST_SPECS.items()}
+    if dist.get_rank() == 0: print(json.dumps(out))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope='module')
+def sharded_results():
+    import json
+    from optim_lab.distributed import run_ranks
+    return json.loads(run_ranks(__file__, 'worker', nproc=2, timeout=240).strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('name', list(DIST_SPECS))
+def test_sharded_parameters_end_where_one_process_ends(name, sharded_results):
+    "The full-matrix preconditioners gather the whole update: 2 ranks agree with one process"
+    ours = [torch.tensor(x, dtype=DT) for x in sharded_results[name]]
+    ref = [torch.tensor(x, dtype=DT) for x in dist_run(DIST_SPECS[name])]
+    assert max((a - b).abs().max().item() for a, b in zip(ours, ref)) <= 1e-12
+
+
+if WORKER: _worker()

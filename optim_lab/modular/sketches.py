@@ -200,13 +200,24 @@ class NystromPCG(Module):
         return var
 
 # %% ../../nbs/87_sketches.ipynb #b027cf85
+def _whole(t: Tensor) -> Tensor:
+    "The whole tensor: a sharded `DTensor` (FSDP2) gathered, anything else as it is. A full-matrix preconditioner mixes all entries"
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+def _write_whole_(dst: Tensor, src: Tensor):
+    "dst ← src, with `src` the whole tensor: re-sharded as `dst` when `dst` is a `DTensor`"
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    dst.copy_(distribute_tensor(src, dst.device_mesh, dst.placements) if isinstance(dst, DTensor) else src)
+
+# %% ../../nbs/87_sketches.ipynb #d9558961
 def matrix_power(A: Tensor, power: float) -> Tensor:
     "A^power for a symmetric positive semi-definite A through its eigendecomposition (the roots of chapter 28's Shampoo)"
     return matrix_inverse_root(A, -1 / power, torch.finfo(A.dtype).tiny * 2)
 
 _POWER_METHODS = OneOf(('eigh', 'eigh_abs', 'svd'))
 
-# %% ../../nbs/87_sketches.ipynb #d9558961
+# %% ../../nbs/87_sketches.ipynb #b0937dd1
 class FullMatrixAdagrad(Module):
     """Full-matrix Adagrad: u ← (G + reg·I)^p u with G = Σ g gᵀ (or an EMA of g gᵀ with `beta`), p = −1/2, over all parameters
     as one vector (`concat_params=True`) or per parameter (torchzero's `FullMatrixAdagrad`)"""
@@ -260,13 +271,16 @@ class FullMatrixAdagrad(Module):
         u = var.get_update()
         g = [t.clone() for t in u] if self.inner else u
         if self.inner: u = var.update = _run_chain(self, 'inner', self.inner, var)
+        g, whole_u = [_whole(t) for t in g], [_whole(t) for t in u]
         if self.defaults['concat_params']:
-            _unflatten_(self._precondition(self.global_state, _flatten(g), _flatten(u)), u)
+            d = self._precondition(self.global_state, _flatten(g), _flatten(whole_u))
+            for ui, di in zip(u, _unflatten_(d, [torch.empty_like(w) for w in whole_u])): _write_whole_(ui, di)
         else:
-            for p, gi, ui in zip(var.params, g, u): ui.copy_(self._precondition(self.state(p), gi.reshape(-1), ui.reshape(-1)).view_as(ui))
+            for p, gi, ui, wi in zip(var.params, g, u, whole_u):
+                _write_whole_(ui, self._precondition(self.state(p), gi.reshape(-1), wi.reshape(-1)).view_as(wi))
         return var
 
-# %% ../../nbs/87_sketches.ipynb #b0937dd1
+# %% ../../nbs/87_sketches.ipynb #4d740557
 def merge_small_dims(shape: tuple, max_dim: int) -> tuple[list[int], list[int]]:
     """torchzero's merge: the permutation sorting the dimensions by size, and the shape after merging the leading (smallest)
     dimensions while their product stays ≤ max_dim. `([], list(shape))` when nothing is merged"""
@@ -280,7 +294,7 @@ def merge_small_dims(shape: tuple, max_dim: int) -> tuple[list[int], list[int]]:
         else: break
     return order, ([math.prod(sizes[:k + 1])] + sizes[k + 1:]) if k > 0 else sizes
 
-# %% ../../nbs/87_sketches.ipynb #4d740557
+# %% ../../nbs/87_sketches.ipynb #672aa139
 class Shampoo(Module):
     """Shampoo as a module (Gupta et al. 2018): per tensor, one accumulator L_i = Σ G_(i) G_(i)ᵀ per dimension, and the
     update preconditioned as u ×₁ L₁^p ×₂ L₂^p ⋯ with p = −1/(2·ndim) (torchzero's `Shampoo`)"""
@@ -365,10 +379,10 @@ class Shampoo(Module):
         u = var.get_update()
         g = [t.clone() for t in u] if self.inner else u
         if self.inner: u = var.update = _run_chain(self, 'inner', self.inner, var)
-        for p, gi, ui in zip(var.params, g, u): ui.copy_(self._precondition(p, gi, ui))
+        for p, gi, ui in zip(var.params, g, u): _write_whole_(ui, self._precondition(p, _whole(gi), _whole(ui)))
         return var
 
-# %% ../../nbs/87_sketches.ipynb #672aa139
+# %% ../../nbs/87_sketches.ipynb #ced73290
 class SophiaH(Module):
     """SophiaH as a module (Liu et al. 2023): u ← clip(m / max(ρ·h, ε), −clip, clip) with m an EMA of the update and h an
     EMA of Hutchinson's estimate z ⊙ Hz of the Hessian's diagonal, refreshed every `update_freq` steps (torchzero's `SophiaH`)"""
