@@ -6,7 +6,8 @@
 CROSS_PARAM = {'Kron'}
 
 # The random probes set the fitted Q: the one-process reference of tests/test_distributed.py draws other probes than
-# the 2 ranks (a different generator state), so its noise floor is the size of the step. Both ranks agree (the probe
-# is taken from rank 0); the sharded step is checked against one process with the same seed instead.
+# the 2 ranks (a different generator state), so its noise floor is the size of the step. Both ranks agree, under FSDP2
+# and DDP (the probes are broadcast from rank 0); the sharded and the replicated step are checked against one process
+# with the same seed instead, and a dcp round trip with the generator's state restored.
 ROUNDING_CHAOTIC = {'Kron': 'its random probes differ between the one-process reference and the ranks; '
                             'see tests/test_kron.py::test_fsdp2_sharded_step_equals_one_process'}

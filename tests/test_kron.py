@@ -65,6 +65,18 @@ def test_weight_decay_agrees_with_peer_on_matrices(decoupled):
     assert peer_deviation(shapes=[(6, 5), (3, 4, 2)], lr=0.02, weight_decay=0.1, decoupled_wd=decoupled) < 1e-7
 
 
+def test_precondition_dtype_none_is_the_weights_dtype():
+    "None: Q in the weights' dtype (float64 here), as the peer's None"
+    ours = trajectory(lambda ps: Kron(ps, precondition_dtype=None))
+    peer = trajectory(lambda ps: pytorch_optimizer.Kron(ps, precondition_dtype=None))
+    assert max((a - b).abs().max().item() for a, b in zip(ours, peer)) < 1e-7
+    p = torch.zeros(3, 2, dtype=torch.float64, requires_grad=True)
+    opt = Kron([p], precondition_dtype=None)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state[p]['Q_0'].dtype == torch.float64
+
+
 def test_agrees_with_peer_float32():
     "float32 everywhere, 30 steps: float32 rounding through the fit (measured 2e-6)"
     assert peer_deviation(dtype=torch.float32) < 1e-4

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core import _check_groups, LabOptimizer, Beta, Range, IntRange, RangeOrNone, OneOf, Flag, Positive
+from ..core import _check_groups, LabOptimizer, Beta, Range, IntRange, RangeOrNone, OneOf, Flag, Positive, LOW_PRECISION
 from ..registry import register
 from ..distributed import full_tensor, local_shard_like
 
@@ -145,7 +145,7 @@ class Kron(LabOptimizer):
                        max_size_triangular=IntRange(0), min_ndim_triangular=IntRange(0),
                        memory_save_mode=OneOf((None, 'one_diag', 'smart_one_diag', 'all_diag')),
                        momentum_into_precondition_update=Flag, precondition_lr=Range(0, 1),
-                       precondition_init_scale=Positive, precondition_dtype=OneOf(PRECONDITION_DTYPES),
+                       precondition_init_scale=Positive, precondition_dtype=OneOf((None, *PRECONDITION_DTYPES)),
                        balance_prob=Range(0, 1))
     fastai_hypers = {'momentum': 'mom'}
     compile_refusal = ("its preconditioner fit draws Gaussian probes from torch's global generator, which a compiled "
@@ -166,7 +166,7 @@ class Kron(LabOptimizer):
                  momentum_into_precondition_update: bool = True,  # fit Q on m̂ (True) or on the raw gradient
                  precondition_lr: float = 0.1,                    # η_Q: the fit's normalised step, in [0, 1]
                  precondition_init_scale: float = 1.0,            # s: Q starts at s·I
-                 precondition_dtype: torch.dtype = torch.float32, # the dtype of Q and of the preconditioning arithmetic
+                 precondition_dtype: torch.dtype | None = torch.float32, # Q's dtype (None: the weights', fp32 for 16-bit ones)
                  balance_prob: float = 0.01,                      # balance the factors before every ⌈1/balance_prob⌉-th fit
                  maximize: bool = False,                          # ascend instead of descend
                  **kwargs):                                       # `LabOptimizer` options: `skip_nonfinite`
@@ -185,8 +185,8 @@ class Kron(LabOptimizer):
         if 'Q_0' in state: return
         kinds = kron_factor_kinds(p.shape, group['max_size_triangular'], group['min_ndim_triangular'],
                                   group['memory_save_mode'])
-        for i, q in enumerate(kron_init_factors(p.shape, kinds, group['precondition_init_scale'],
-                                                group['precondition_dtype'], p.device)):
+        dtype = group['precondition_dtype'] or (torch.float32 if p.dtype in LOW_PRECISION else p.dtype)
+        for i, q in enumerate(kron_init_factors(p.shape, kinds, group['precondition_init_scale'], dtype, p.device)):
             state[f'Q_{i}'] = local_shard_like(q, p) if q.shape == p.shape else q
 
     def _plan_step(self):
@@ -222,7 +222,7 @@ class Kron(LabOptimizer):
         noise = None
         if fit:
             m = state['momentum_buffer']
-            noise = _on_every_rank(torch.randn_like(full_tensor(m), dtype=group['precondition_dtype']), p)
+            noise = _on_every_rank(torch.randn_like(full_tensor(m), dtype=qs[0].dtype), p)
         d = self.update_fn(grad, state['momentum_buffer'], qs, noise, step=state['step'], momentum=group['momentum'],
                            balance=balance, precondition_lr=group['precondition_lr'],
                            momentum_into_precondition_update=group['momentum_into_precondition_update'])
