@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..core import LabOptimizer, Beta, NonNegative, add, addcmul_, sqrt
 from ..registry import register
-from ..toolkit.transforms import centralize
+from ..toolkit.transforms import centralize, rms
 
 # %% auto #0
 __all__ = ['compass_amplify', 'upstream_rms_clip', 'fcompass_update', 'FCompass']
@@ -28,8 +28,7 @@ def upstream_rms_clip(x: Tensor,  # the tensor to clip (not modified)
                       eps,        # ε added to the RMS
                      ) -> Tensor:
     "x · c / max(1, RMS(x) + ε), upstream FCompass's clip (whole-tensor RMS); not the toolkit's `rms_clip`, x / max(1, RMS(x)/c)"
-    rms = x.pow(2).mean().sqrt() + eps
-    return x * clip / rms.clamp_min(1)
+    return x / ((rms(x) + eps).clamp_min(1) / clip)
 
 # %% ../../nbs/45_fcompass.ipynb #6d46ebe9
 def fcompass_update(p: Tensor, grad: Tensor, momentum: Tensor, fim: Tensor, max_ema_squared: Tensor, *, step,
@@ -42,10 +41,12 @@ def fcompass_update(p: Tensor, grad: Tensor, momentum: Tensor, fim: Tensor, max_
     fisher = fim.sqrt().add_(eps)                                    # D_t
     natural = grad / fisher                                          # n_t before the clip
     if clip != 0: natural = upstream_rms_clip(natural, clip, eps)
-    momentum.mul_(beta1).add_(natural * (1 - beta1))                 # m_t
-    decay = p / fisher
-    if clip != 0: decay = upstream_rms_clip(decay, clip, eps)
-    full_step = compass_amplify(natural, momentum, amp_fac).add_(decay * weight_decay)  # s_t
+    momentum.lerp_(natural, 1 - beta1)                               # m_t
+    full_step = compass_amplify(natural, momentum, amp_fac)          # s_t: the amplified step ...
+    if isinstance(weight_decay, Tensor) or weight_decay != 0:        # ... and the decay (an eager step skips λ = 0)
+        decay = p / fisher
+        if clip != 0: decay = upstream_rms_clip(decay, clip, eps)
+        full_step.add_(decay * weight_decay)
     torch.maximum(max_ema_squared, addcmul_(max_ema_squared * beta2, full_step, full_step, value=1 - beta2),
                   out=max_ema_squared)                               # u_t
     return full_step.div_(max_ema_squared.sqrt() / bias_correction + eps)

@@ -22,19 +22,20 @@ def fishmonger_update(p: Tensor, grad: Tensor, momentum: Tensor, momentum_slow: 
     "FishMonger's direction s̃_t / (1 - β1^t); updates m, F, μ, w (and e, g_prev when given) in place; `grad` is not modified"
     if clip <= 0: clip = 1.0                                          # upstream: a clip of 0 means 1 (static hyper)
     if ema_diff is not None:                                          # e_t, from g_t - g_{t-1}
-        add_(ema_diff.mul_(diff_amp_beta), grad - previous_grad, alpha=1 - diff_amp_beta)
+        ema_diff.lerp_(grad - previous_grad, 1 - diff_amp_beta)
         previous_grad.copy_(grad)
-    add_(momentum.mul_(beta1), grad, alpha=1 - beta1)                 # m_t
+    momentum.lerp_(grad, 1 - beta1)                                   # m_t
     fim_beta = (beta2 ** step - beta2) / (beta2 ** step - 1)          # β̂_t
     addcmul_(fim.mul_(fim_beta), momentum, momentum, value=1 - fim_beta)  # F_t
     fisher = fim.sqrt().add_(eps)                                     # D_t
     natural = upstream_rms_clip(momentum / fisher, clip, eps)         # n_t
-    add_(momentum_slow.mul_(beta1), natural, alpha=1 - beta1)         # μ_t
+    momentum_slow.lerp_(natural, 1 - beta1)                           # μ_t
     slow_beta = (beta3 ** step - beta3) / (beta3 ** step - 1)         # β̌_t
     addcmul_(momentum_slow_squared.mul_(slow_beta), momentum_slow, momentum_slow, value=1 - slow_beta)  # w_t
     precond = momentum_slow_squared.sqrt().add_(eps).mul_(fisher)     # D_t S_t
     full_step = upstream_rms_clip(grad / precond, clip, eps)          # s_t: the gradient term ...
-    full_step.add_(upstream_rms_clip(p / precond, clip, eps) * weight_decay)  # ... Fisher-weighted decay ...
+    if isinstance(weight_decay, Tensor) or weight_decay != 0:         # ... Fisher-weighted decay (skipped eagerly at λ = 0) ...
+        full_step.add_(upstream_rms_clip(p / precond, clip, eps) * weight_decay)
     if ema_diff is not None:                                          # ... the difference term
         full_step.sub_(upstream_rms_clip(ema_diff / precond, clip, eps) * diff_amp)
     if centralization != 0: full_step = centralize(full_step, centralization)  # s̃_t

@@ -4,12 +4,13 @@
 
 # %% ../../nbs/50_transforms.ipynb #0bddcc8b
 from __future__ import annotations
+import math
 import torch
 from torch import Tensor
 from ..distributed import local_shard_like
 
 # %% auto #0
-__all__ = ['unit_norm', 'agc', 'centralize_gradient', 'centralize', 'rms_clip', 'norm_clip', 'normalize_gradient',
+__all__ = ['unit_norm', 'agc', 'centralize_gradient', 'centralize', 'rms', 'rms_clip', 'norm_clip', 'normalize_gradient',
            'norm_loss_grad']
 
 # %% ../../nbs/50_transforms.ipynb #19ed103c
@@ -60,11 +61,15 @@ def centralize(x: Tensor,              # a gradient or a step (not modified)
     return x - _unit_mean(x) * centralization
 
 # %% ../../nbs/50_transforms.ipynb #e480fadd
+def rms(x: Tensor) -> Tensor:
+    "RMS(x) = √(mean x²) over the whole tensor: one pass, no temporary the size of x"
+    return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
+
 def rms_clip(x: Tensor,  # the tensor to clip (not modified)
              clip,       # c > 0: the largest root-mean-square allowed
             ) -> Tensor:
     "x / max(1, RMS(x)/c): `x` with its root-mean-square (over the whole tensor) capped at c; a new tensor"
-    return x / (x.square().mean().sqrt() / clip).clamp(min=1)
+    return x / (rms(x) / clip).clamp(min=1)
 
 def norm_clip(x: Tensor,  # the tensor to clip (not modified)
               clip,       # c > 0: the largest Euclidean norm allowed
