@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..core import LabOptimizer, Beta, NonNegative, Positive, Flag, PositiveInt, OneOf, Range
 from ..registry import register
+from ..distributed import local_shard_like
 from ..toolkit.spectral import NSCoeffs
 from .muon import Muon, orthogonalize
 
@@ -43,7 +44,7 @@ def adamuon_update(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
     return o_hat.mul_(size / (torch.linalg.vector_norm(o_hat) + eps))     # γ_t Ô_t
 
 # %% ../../nbs/79_muon_family.ipynb #543e507d
-@register(paper='AdaMuon: Adaptive Muon Optimizer (Si, Zhang, Shen)', year=2025,
+@register(paper='AdaMuon: Adaptive Muon Optimizer', year=2025,
           url='https://arxiv.org/abs/2507.11005', chapter='79_muon_family')
 class AdaMuon(Muon):
     "AdaMuon: Muon's orthogonalised sign-momentum with an element-wise second moment and RMS-aligned steps; AdamW for the rest"
@@ -100,7 +101,8 @@ def normuon_update(grad: Tensor, momentum_buffer: Tensor, second_momentum_buffer
     m = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
     o = orthogonalize(m, ns_steps, ns_coeffs=ns_coeffs)                         # O_t
     o_norm = torch.linalg.vector_norm(o)
-    second_momentum_buffer.lerp_(row_mean_square(o), 1 - beta2)                # v_t
+    rms = local_shard_like(row_mean_square(o), second_momentum_buffer)          # (FSDP2: laid out as v)
+    second_momentum_buffer.lerp_(rms, 1 - beta2)                                # v_t
     o_hat = o.div_(second_momentum_buffer.sqrt().add_(eps))                    # Ô_t = O_t ⊘ (√V_t + ε)
     rows, cols = matrix_dims(grad)
     if update_scale == 'match_rms': size = 0.2 * math.sqrt(rows * cols)        # RMS 0.2, as Adam's update
@@ -108,7 +110,7 @@ def normuon_update(grad: Tensor, momentum_buffer: Tensor, second_momentum_buffer
     return o_hat.mul_(size / (torch.linalg.vector_norm(o_hat) + eps))
 
 # %% ../../nbs/79_muon_family.ipynb #aabc9182
-@register(paper='NorMuon: Making Muon more efficient and scalable (Li, Liu, Liang, Chen, Zhao)', year=2025,
+@register(paper='NorMuon: Making Muon more efficient and scalable', year=2025,
           url='https://arxiv.org/abs/2510.05491', chapter='79_muon_family')
 class NorMuon(Muon):
     "NorMuon: Muon whose orthogonalised update is normalised per neuron (row) by a second moment; AdamW for the rest"
@@ -238,9 +240,9 @@ def scion_update(param: Tensor, grad: Tensor, d: Tensor, *, lr, momentum, constr
     "SCION's direction scale·lmo(d); updates the average `d` in place; `constraint`: shrinks `param` by (1 - lr) first"
     d.lerp_(grad, momentum)                                   # d ← (1 - α) d + α g: α is the NEW gradient's weight
     if constraint: param.mul_(1 - lr)                          # Frank–Wolfe: w ← (1 - γ) w + γ (ρ·lmo)
-    return scion_lmo(d, norm_type, norm_kwargs).mul_(scale)
+    return local_shard_like(scion_lmo(d, norm_type, norm_kwargs), d).mul_(scale)   # (FSDP2: laid out as d)
 
-@register(paper='Training Deep Learning Models with Norm-Constrained LMOs (Pethick et al.)', year=2025,
+@register(paper='Training Deep Learning Models with Norm-Constrained LMOs', year=2025,
           url='https://arxiv.org/abs/2502.07529', chapter='79_muon_family')
 class SCION(LabOptimizer):
     "SCION: steps along the linear minimisation oracle of a per-layer norm ball (spectral for matrices) of averaged gradients"
