@@ -78,12 +78,12 @@ def test_precondition_dtype_none_is_the_weights_dtype():
 
 
 def test_agrees_with_peer_float32():
-    "float32 everywhere, 30 steps: float32 rounding through the fit (measured 2e-6)"
-    assert peer_deviation(dtype=torch.float32) < 1e-4
+    "float32 everywhere, 60 steps: float32 rounding through the fit (measured 1.2e-7; 100x margin for other kernels)"
+    assert peer_deviation(dtype=torch.float32) < 1e-5
 
 
 def test_default_schedule_after_500_steps_agrees_with_peer():
-    "700 steps on small tensors: the schedule leaves p = 1 at step 500 and both skip the same fits"
+    "700 steps on small tensors: the schedule leaves p = 1 at step 500 and both skip the same fits (measured 1.6e-9)"
     shapes = [(3, 2), (4,)]
     ours = trajectory(lambda ps: Kron(ps, precondition_dtype=torch.float64), steps=700, shapes=shapes)
     peer = trajectory(lambda ps: pytorch_optimizer.Kron(ps, precondition_dtype=torch.float64), steps=700, shapes=shapes)
