@@ -543,7 +543,7 @@ def main(argv=None):
         for r in bad: print('not reproduced:', r)
         if bad: raise SystemExit(1)
         print(f'{args.check} stored runs reproduced'); return
-    names = list(dict.fromkeys([*TARGET_SETTERS, *(args.only or (QUICK_OPTIMIZERS if args.quick else list_optimizers()))]))
+    names = list(dict.fromkeys([*TARGET_SETTERS, *(args.only or (QUICK_OPTIMIZERS if args.quick else list_optimizers(chains=True)))]))
     chosen = args.workloads or QUICK_WORKLOADS if args.quick else args.workloads or {'both': DEEP_LEARNING + TEST_FUNCTIONS, 'deep_learning': DEEP_LEARNING,
                                                   'test_functions': TEST_FUNCTIONS}[args.suite]
     protocol = Protocol(trials=4, seeds=2) if args.quick else Protocol()

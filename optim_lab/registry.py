@@ -16,7 +16,7 @@ __all__ = ['PACKAGES_WITH_OPTIMIZERS', 'NORM_LAYERS', 'normalize_name', 'registe
 # %% ../nbs/01_registry.ipynb #928ef04b
 _REGISTRY: dict[str, type] = {}
 _SHIPPED: dict[str, type] = {}   # the package's class under a name a notebook has defined again (while it runs)
-PACKAGES_WITH_OPTIMIZERS = ('optim_lab.optimizers',)
+PACKAGES_WITH_OPTIMIZERS = ('optim_lab.optimizers', 'optim_lab.modular')  # the chapters' modules, and the registered chains'
 
 def normalize_name(name: str) -> str:
     "The lookup key of an optimizer name: lower case, without `_`, `-` or spaces"
@@ -35,9 +35,10 @@ def register(cls: type | None = None, *,
              url: str = '',
              chapter: str = '', # the notebook that derives it, e.g. '11_adam'
              aliases: tuple = ()):
-    "Class decorator: add a `LabOptimizer` subclass to the registry, with where it comes from"
+    "Class decorator: add a `LabOptimizer` subclass (or a named chain, `optim_lab.modular.Recipe`) to the registry, with where it comes from"
     def deco(cls):
-        if not issubclass(cls, LabOptimizer): raise TypeError(f"{cls.__name__} is not a LabOptimizer")
+        if not (issubclass(cls, LabOptimizer) or getattr(cls, 'is_chain', False)):
+            raise TypeError(f"{cls.__name__} is not a LabOptimizer, nor a chain of modules (a subclass of optim_lab.modular.Recipe)")
         keys = {normalize_name(cls.__name__), *map(normalize_name, aliases)}
         for key in keys:  # check every name before registering any
             if key in _REGISTRY and not _same_class(_REGISTRY[key], cls, chapter):
@@ -65,10 +66,10 @@ def _import_all():
         for m in pkgutil.iter_modules(pkg.__path__): importlib.import_module(f'{pkg_name}.{m.name}')
     _imported = True
 
-def list_optimizers() -> list[str]:
-    "The class names of all registered optimizers, sorted"
+def list_optimizers(chains: bool = False) -> list[str]:
+    "The class names of all registered optimizers, sorted; with `chains`, the registered chains of modules too"
     _import_all()
-    return sorted({cls.__name__ for cls in _REGISTRY.values()}, key=str.lower)
+    return sorted({cls.__name__ for cls in _REGISTRY.values() if chains or not getattr(cls, 'is_chain', False)}, key=str.lower)
 
 def _visible(key: str) -> type:
     """The class registered under `key`; a notebook's own definition only while that notebook is `__main__`, so that
