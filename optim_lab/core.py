@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 from torch._dynamo.exc import BackendCompilerFailed
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 # Two messages that say nothing about the code, silenced once here for every module and chapter: a CPU build of torch
 # logs that it found no CUDA runtime whenever inductor compiles, and fastai's import uses the deprecated `torch.jit.script`.
@@ -20,7 +21,8 @@ warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', ca
 # %% auto #0
 __all__ = ['NonNegative', 'Positive', 'FinitePositive', 'Beta', 'Flag', 'PositiveInt', 'TORCH_ONLY_KWARGS', 'LOW_PRECISION',
            'Range', 'OneOf', 'IntRange', 'RangeOrNone', 'check_hypers', 'stochastic_round', 'sqrt', 'exp', 'log',
-           'where', 'minimum', 'maximum', 'add_', 'addcmul_', 'add', 'CompileFallbackWarning', 'LabOptimizer']
+           'where', 'minimum', 'maximum', 'add_', 'addcmul_', 'add', 'CompileFallbackWarning', 'LabOptimizer',
+           'HoistScalars']
 
 # %% ../nbs/00_core.ipynb #f6ef015c
 def _fmt(x): return '∞' if x == math.inf else '-∞' if x == -math.inf else f'{x:g}'
@@ -187,6 +189,7 @@ class LabOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._compiled = _compile_group_step(self) if compile else None
         self._eager_fallback = set()   # group signatures (shapes, dtypes) the compiler failed on
+        self._traced = {}              # (group index, device) -> the compiled step's 0-d inputs, reused from step to step
 
     @classmethod
     def all_constraints(cls) -> dict: return {**cls.base_constraints, **cls.constraints}
@@ -253,9 +256,9 @@ def _lab_step(self: LabOptimizer, closure: Callable | None = None):
     if self._compiled is None:
         for p, group in pairs: self._step_param(p, group, self.state[p], group)
     else:
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             params = [p for p in group['params'] if p.grad is not None]
-            if params: _compiled_group_step(self, group, params)
+            if params: _compiled_group_step(self, group, params, i)
     return loss
 
 LabOptimizer.step = _lab_step
@@ -294,16 +297,25 @@ def _step_param(self: LabOptimizer, p: Tensor, group: dict, state: dict, hypers:
 LabOptimizer._begin_step, LabOptimizer._decay, LabOptimizer._step_param = _begin_step, _decay, _step_param
 
 # %% ../nbs/00_core.ipynb #c0a1e005
-def _traced_hypers(opt: LabOptimizer, group: dict, params: list):
-    "The compiled step's inputs: the group's numbers and the step counts as float64 0-d tensors (exact scalar math)"
+def _traced_hypers(opt: LabOptimizer, group: dict, params: list, index: int = 0):
+    """The compiled step's inputs: the group's numbers and the step counts as float64 0-d tensors (exact scalar math),
+    kept in `opt._traced` under the group's index and rewritten in place when a value changes"""
     device = params[0].device
     dtype = torch.float32 if device.type == 'mps' else torch.float64   # (Apple's GPUs have no float64)
-    def traced(k, v):
-        if k in opt.static_hypers or isinstance(v, bool) or not isinstance(v, numbers.Real): return v
-        return torch.tensor(v, dtype=dtype, device=device)
-    hypers = {k: tuple(traced(k, x) for x in v) if isinstance(v, (tuple, list)) else traced(k, v)
+    held = opt._traced.setdefault((index, device), {})                   # key -> [value, its 0-d tensor]
+    def traced(key, v):
+        if key[0] in opt.static_hypers or isinstance(v, bool) or not isinstance(v, numbers.Real): return v
+        slot = held.get(key)
+        if slot is None: held[key] = slot = [v, torch.tensor(v, dtype=dtype, device=device)]
+        elif slot[0] != v: slot[1].fill_(v); slot[0] = v
+        return slot[1]
+    hypers = {k: tuple(traced((k, j), x) for j, x in enumerate(v)) if isinstance(v, (tuple, list)) else traced((k,), v)
               for k, v in group.items() if k != 'params'}
-    steps = torch.tensor([opt.state[p]['step'] for p in params], dtype=dtype, device=device)
+    counts = [opt.state[p]['step'] for p in params]
+    steps = held.get('steps')
+    if steps is None or len(steps) != len(counts): steps = held['steps'] = torch.tensor(counts, dtype=dtype, device=device)
+    elif counts.count(counts[0]) == len(counts): steps.fill_(counts[0])   # the usual case: one count for the group
+    else: steps.copy_(torch.tensor(counts, dtype=dtype))
     return group, hypers, steps, opt._decay(group)
 
 def _group_step(opt, params, states, group, hypers, steps, decay):
@@ -325,14 +337,15 @@ def _compile_group_step(opt: LabOptimizer):
     code = _group_step.__code__.replace(co_name=f'{type(opt).__name__}_step')
     fn = types.FunctionType(code, dict(_group_step.__globals__), code.co_name)
     backend = opt.compile if isinstance(opt.compile, str) else 'inductor'
+    options = dict(post_grad_custom_post_pass=HoistScalars()) if backend == 'inductor' else None
     _forget_traced_main()
-    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
+    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False, options=options)
 
-def _compiled_group_step(opt: LabOptimizer, group: dict, params: list):
-    "One group's compiled step; where the compiler itself fails, the eager step for these shapes from then on, said once"
+def _compiled_group_step(opt: LabOptimizer, group: dict, params: list, index: int = 0):
+    "Group `index`'s compiled step; where the compiler itself fails, the eager step for these shapes from then on, said once"
     signature = tuple((tuple(p.shape), p.dtype) for p in params)
     if signature not in opt._eager_fallback:
-        try: return opt._compiled(opt, params, [opt.state[p] for p in params], *_traced_hypers(opt, group, params))
+        try: return opt._compiled(opt, params, [opt.state[p] for p in params], *_traced_hypers(opt, group, params, index))
         except BackendCompilerFailed as e:  # raised while compiling, before the graph has changed anything
             opt._eager_fallback.add(signature)
             cause = getattr(e, 'inner_exception', None) or e
@@ -341,6 +354,44 @@ def _compiled_group_step(opt: LabOptimizer, group: dict, params: list):
                           f"{[s for s, _ in signature]} ({reason}); that group takes eager steps from now on: the same "
                           "update, slower", CompileFallbackWarning, stacklevel=4)
     for p in params: opt._step_param(p, group, opt.state[p], group)
+
+# %% ../nbs/00_core.ipynb #6398b04e
+_HOISTED_LIBRARY = []   # keeps the `optim_lab` operator library alive
+
+def _hoisted_op():
+    "`optim_lab::hoisted(x)`: `x` itself; inductor lowers it to a buffer of its own (defined once per process)"
+    try: return torch.ops.optim_lab.hoisted.default
+    except (AttributeError, RuntimeError): pass
+    lib = torch.library.Library('optim_lab', 'FRAGMENT')
+    lib.define('hoisted(Tensor x) -> Tensor')
+    lib.impl('hoisted', lambda x: x.clone(), 'CompositeExplicitAutograd')
+    _HOISTED_LIBRARY.append(lib)
+    from torch._inductor import ir, lowering
+    op = torch.ops.optim_lab.hoisted.default
+    lowering.register_lowering(op, type_promotion_kind=None)(lambda x: ir.ExternKernel.copy_input(x))  # realised
+    return op
+
+def _largest_numel(node) -> int:
+    "The largest number of elements among the tensors an FX node produces (0 if none)"
+    val = node.meta.get('val') if isinstance(node, torch.fx.Node) else None
+    vals = val if isinstance(val, (tuple, list)) else [val]
+    return max((v.numel() for v in vals if isinstance(v, Tensor)), default=0)
+
+class HoistScalars(CustomGraphPass):
+    "Inductor pass: each 0-d value computed point-wise in the graph that a larger tensor reads is computed once, in its own buffer"
+    def __call__(self, graph: torch.fx.Graph):
+        hoisted = None
+        for node in list(graph.nodes):
+            if node.op != 'call_function' or not isinstance(node.target, torch._ops.OpOverload): continue
+            val = node.meta.get('val')
+            if torch.Tag.pointwise not in node.target.tags or not isinstance(val, Tensor) or val.dim() != 0: continue
+            readers = [u for u in node.users if _largest_numel(u) > 1]
+            if not readers: continue
+            hoisted = hoisted or _hoisted_op()
+            with graph.inserting_after(node): once = graph.call_function(hoisted, (node,))
+            once.meta['val'] = val
+            for u in readers: u.replace_input_with(node, once)
+    def uuid(self): return 'optim_lab.core.HoistScalars/1'   # part of inductor's cache key
 
 # %% ../nbs/00_core.ipynb #3bd27387
 def _state_dict(self: LabOptimizer) -> dict:
