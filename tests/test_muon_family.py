@@ -404,3 +404,21 @@ def test_zero_gradients_and_resume(cls, kw):
         for p, q, g in zip(ps, qs, gs): p.grad, q.grad = g.clone(), g.clone()
         opt.step(); resumed.step()
     assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+
+
+@pytest.mark.parametrize('norm_type,shape,kw', [
+    ('auto', (16, 32), None), ('auto', (8, 4, 3, 3), None), ('auto', (5,), None), ('spectral', (6, 4), {'max_scale': True, 'normalize': False}),
+    ('sign', (6, 4), None), ('sign', (6, 4), {'zero_init': True}), ('col', (6, 4), None), ('row', (6, 4), None),
+    ('col', (6, 4), {'transpose': True, 'normalized': True}), ('row', (6, 4), {'normalized': False}), ('none', (6, 4), None)])
+def test_scion_init_draws_as_pytorch_optimizer(norm_type, shape, kw):
+    "SCION.init() puts each weight where pytorch-optimizer's does, from the same torch random state"
+    a = torch.nn.Parameter(torch.randn(*shape)); b = torch.nn.Parameter(a.detach().clone())
+    torch.manual_seed(0); SCION([a], norm_type=norm_type, norm_kwargs=kw, scale=2.0).init()
+    torch.manual_seed(0); pytorch_optimizer.SCION([b], norm_type=LMONorm[norm_type.upper().replace('_', '')], norm_kwargs=kw, scale=2.0).init()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_scion_init_is_on_the_spectral_sphere():
+    w = torch.nn.Parameter(torch.randn(16, 32))
+    SCION([w], scale=2.0).init()
+    torch.testing.assert_close(torch.linalg.svdvals(w.detach()), torch.full((16,), 2 * 0.5 ** 0.5), rtol=1e-6, atol=1e-6)

@@ -18,7 +18,7 @@ from .muon import Muon, orthogonalize
 # %% auto #0
 __all__ = ['LMO_NORMS', 'LMO_KWARGS', 'LMOS', 'matrix_dims', 'adamuon_update', 'AdaMuon', 'row_mean_square', 'normuon_update',
            'NorMuon', 'lmo_norm_name', 'LMONormType', 'LMONormKwargs', 'spectral_lmo', 'spectral_conv_lmo', 'sign_lmo',
-           'bias_lmo', 'col_lmo', 'row_lmo', 'auto_lmo', 'scion_lmo', 'scion_update', 'SCION']
+           'bias_lmo', 'col_lmo', 'row_lmo', 'auto_lmo', 'scion_lmo', 'scion_update', 'SCION', 'lmo_init_']
 
 # %% ../../nbs/79_muon_family.ipynb #1eaee195
 def matrix_dims(t: Tensor) -> tuple[int, int]:
@@ -290,3 +290,41 @@ class SCION(LabOptimizer):
         return self.update_fn(p, grad, state['d'], lr=group['lr'], momentum=group['momentum'],
                               constraint=group['constraint'], norm_type=group['norm_type'],
                               norm_kwargs=group['norm_kwargs'], scale=group['scale'])
+
+# %% ../../nbs/79_muon_family.ipynb #539d941d
+def lmo_init_(w: Tensor, norm_type='auto', norm_kwargs=None) -> Tensor:
+    "Initialise `w` in place on the unit ball's boundary of its norm (before SCION's `scale`), as the paper does"
+    name, kw = lmo_norm_name(norm_type), dict(norm_kwargs or {})
+    if name == 'auto': name = 'bias' if w.dim() <= 1 else 'spectral' if w.dim() == 2 else 'spectral_conv'
+    if name == 'none': return w
+    if name == 'bias': return w.zero_()
+    if name in ('spectral', 'spectral_conv'):
+        x = w.detach().double().reshape(w.shape[0], w.shape[1], -1)
+        for k in range(x.shape[2]): torch.nn.init.orthogonal_(x[:, :, k])
+        if name == 'spectral':
+            radius = math.sqrt(w.shape[0] / w.shape[1]) if kw.get('normalize', True) else math.sqrt(w.shape[0])
+            radius = max(1.0, radius) if kw.get('max_scale', False) else radius
+        else: radius = math.sqrt(w.shape[0] / w.shape[1]) / x.shape[2]
+        return w.copy_((x * radius).reshape(w.shape))
+    if name == 'sign':
+        if kw.get('zero_init', False): return w.zero_()
+        signs = torch.randint(0, 2, w.shape, device=w.device).to(w.dtype).mul_(2).sub_(1)
+        return w.copy_(signs / matrix_dims(w)[1] if kw.get('normalize', True) else signs)
+    g = w.mT if kw.get('transpose', False) else w                       # 'col' / 'row'
+    x = torch.nn.init.normal_(torch.empty_like(g))                   # the same draws as pytorch-optimizer's
+    if name == 'col':
+        x = x / x.norm(dim=0, keepdim=True) * math.sqrt(x.shape[0])
+        if kw.get('normalized', False): x = x / x.shape[1]
+    else:
+        x = x / x.norm(dim=-1, keepdim=True)
+        if kw.get('normalized', True): x = x / math.sqrt(x.shape[-1])
+    g.copy_(x)
+    return w
+
+@torch.no_grad()
+def _scion_init(self):
+    "Initialise every parameter for its group's norm, times the group's `scale` (pytorch-optimizer's `SCION.init`)"
+    for group in self.param_groups:
+        for p in group['params']: lmo_init_(p, group['norm_type'], group['norm_kwargs']).mul_(group['scale'])
+
+SCION.init = _scion_init
