@@ -21,14 +21,14 @@ from .registry import load_optimizer
 
 # %% auto #0
 __all__ = ['WORKLOADS', 'DEEP_LEARNING', 'TEST_FUNCTIONS', 'SCHEDULES', 'LR_FREE', 'SCHEDULE_FREE', 'BASELINES', 'TARGET_SETTERS',
-           'SECONDARY_LRS', 'TAU_MAX', 'QUICK_WORKLOADS', 'QUICK_OPTIMIZERS', 'seeded', 'Supervised', 'RowGRU',
-           'DigitsGRU', 'tabular_data', 'mlp', 'TabularMLP', 'DigitsAutoencoder', 'HeavyTailedRegression', 'Conv1dNet',
-           'mnist1d_data', 'MNIST1DCNN', 'CharLMWorkload', 'DigitsCNNWorkload', 'workload_named', 'suite',
+           'SECONDARY_LRS', 'PARAM_GROUPS', 'TAU_MAX', 'QUICK_WORKLOADS', 'QUICK_OPTIMIZERS', 'seeded', 'Supervised',
+           'RowGRU', 'DigitsGRU', 'tabular_data', 'mlp', 'TabularMLP', 'DigitsAutoencoder', 'HeavyTailedRegression',
+           'Conv1dNet', 'mnist1d_data', 'MNIST1DCNN', 'CharLMWorkload', 'DigitsCNNWorkload', 'workload_named', 'suite',
            'warmup_cosine', 'constant', 'Protocol', 'how_to_run', 'nadamw', 'sgd_nesterov', 'resolve',
-           'signature_defaults', 'optimizer_factory', 'centre_lr', 'tunes_weight_decay', 'trial_configs', 'fingerprint',
-           'source_of', 'workload_source', 'Store', 'task', 'run_task', 'execute', 'edge_of', 'tune', 'targets',
-           'steps_to_target', 'time_to_target', 'profile_scores', 'bootstrap_scores', 'leaderboard', 'seed_noise',
-           'reproduce', 'write_report', 'main']
+           'signature_defaults', 'low_rank_groups', 'optimizer_factory', 'centre_lr', 'tunes_weight_decay',
+           'trial_configs', 'fingerprint', 'source_of', 'workload_source', 'Store', 'task', 'run_task', 'execute',
+           'edge_of', 'tune', 'targets', 'steps_to_target', 'time_to_target', 'profile_scores', 'bootstrap_scores',
+           'leaderboard', 'seed_noise', 'reproduce', 'write_report', 'main']
 
 # %% ../nbs/92_lab.ipynb #83a83edf
 def seeded(build: Callable[[], nn.Module], seed: int | None) -> nn.Module:
@@ -247,6 +247,15 @@ def signature_defaults(fn: Callable) -> dict:
 
 SECONDARY_LRS = ('lr_1d', 'adamw_lr')   # a second rule's absolute lr (MARS, Muon): scaled with the main one
 
+def low_rank_groups(params, fraction: float = 0.25) -> list[dict]:
+    "How GaLore and APOLLO are run: each matrix projected to `fraction` of its smaller dimension, every other tensor AdamW"
+    params = list(params)
+    groups = [dict(params=[p], rank=max(1, int(min(p.shape) * fraction))) for p in params if p.dim() == 2]
+    rest = [p for p in params if p.dim() != 2]
+    return groups + ([dict(params=rest)] if rest else [])
+
+PARAM_GROUPS = {'GaLore': low_rank_groups, 'APOLLO': low_rank_groups}   # optimizers whose point needs per-tensor settings
+
 def optimizer_factory(name: str, config: dict, steps: int) -> Callable:
     "params -> the optimizer `name` with `config`'s lr and weight decay (each where the constructor takes it)"
     fn, defaults = resolve(name), signature_defaults(resolve(name))
@@ -254,7 +263,8 @@ def optimizer_factory(name: str, config: dict, steps: int) -> Callable:
     for k in SECONDARY_LRS:
         if isinstance(defaults.get(k), float) and 'lr' in kw: kw[k] = defaults[k] * kw['lr'] / defaults['lr']
     if 'warmup_steps' in defaults: kw['warmup_steps'] = round(config.get('warmup', 0.0) * steps)  # schedule-free's own
-    return lambda params: fn(params, **kw)
+    groups = PARAM_GROUPS.get(name, list)
+    return lambda params: fn(groups(params), **kw)
 
 def centre_lr(name: str, workload) -> float:
     "The centre of `name`'s lr search on `workload`: its default lr, times the workload's Adam lr / Adam's default 1e-3"
@@ -296,7 +306,8 @@ def source_of(name: str) -> str:
     for a class defined in a notebook or a REPL, which has no source file, the bytecode of its own functions"""
     if name in BASELINES: return fingerprint(torch.__version__, inspect.getsource(BASELINES[name]))
     cls = load_optimizer(name)
-    try: return fingerprint(inspect.getsource(sys.modules[cls.__module__]))
+    rule = [inspect.getsource(PARAM_GROUPS[name])] if name in PARAM_GROUPS else []   # how its groups are built
+    try: return fingerprint(inspect.getsource(sys.modules[cls.__module__]), *rule)
     except (TypeError, OSError):
         functions = [getattr(f, '__func__', f) for c in cls.__mro__ if c.__module__ == cls.__module__ for f in vars(c).values()]
         return fingerprint([marshal.dumps(f.__code__).hex() for f in functions if hasattr(f, '__code__')])

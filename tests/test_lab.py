@@ -113,3 +113,12 @@ def test_an_optimizer_defined_in_a_notebook_has_a_fingerprint():
     finally:
         sys.modules['__main__'] = main
         _REGISTRY.clear(); _REGISTRY.update(saved)
+
+def test_low_rank_optimizers_run_projected():
+    "GaLore and APOLLO enter the lab with a rank on every matrix (else they would be AdamW under another name)"
+    from optim_lab.lab import optimizer_factory
+    ps = [torch.nn.Parameter(torch.zeros(16, 8)), torch.nn.Parameter(torch.zeros(8)), torch.nn.Parameter(torch.zeros(4, 12))]
+    for name in ('GaLore', 'APOLLO'):
+        opt = optimizer_factory(name, dict(lr=1e-3, weight_decay=0.0), 10)(ps)
+        assert sorted(g.get('rank') or 0 for g in opt.param_groups) == [0, 1, 2]
+    assert len(optimizer_factory('AdamW', dict(lr=1e-3), 10)(ps).param_groups) == 1
