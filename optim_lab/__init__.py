@@ -7,6 +7,7 @@ from .toolkit.transforms import (unit_norm, agc, centralize_gradient, centralize
                                  rms_clip, norm_clip)
 from .toolkit.wrappers import OptimizerWrapper, Lookahead, SAM, PCGrad, pcgrad_project
 from .toolkit.ema import EMA
+from .orthograd import OrthoGrad, orthogonalize_, orthograd_opt_func
 from .toolkit.schedules import (linear_warmup, explore_exploit, get_chebyshev_steps, get_chebyshev_permutation,
                                 get_chebyshev_perm_steps, get_chebyshev_lr_lambda, get_chebyshev_schedule, fastai_schedule,
                                 WSD_COOLDOWN_TYPES, wsd_cooldown, get_wsd_scheduler_lambda, get_wsd_schedule)

@@ -15,7 +15,7 @@ from .chain import Module, Var
 from .second_order import _flatten, _unflatten_, _loss_and_grad_graph, fd_forward_hvp
 from .ops import _as_chain, _run_chain
 from ..optimizers.shampoo import matrix_inverse_root
-from ..optimizers.sophia_h import hutchinson_diagonal
+from ..optimizers.adahessian import hutchinson_diagonal
 
 # %% auto #0
 __all__ = ['nystrom_approximation', 'regularize_eigenpairs', 'nystrom_sketch_and_solve', 'nystrom_pcg', 'NystromSketchAndSolve',

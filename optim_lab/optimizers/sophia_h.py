@@ -11,41 +11,10 @@ from torch.distributed.tensor import DTensor
 
 from ..core import LabOptimizer, Beta, NonNegative, OneOf, PositiveInt, LOW_PRECISION, check_hypers, _check_groups, _gradients
 from ..registry import register
+from .adahessian import HUTCHINSON_DISTRIBUTIONS, probe_vectors, hutchinson_diagonal
 
 # %% auto #0
-__all__ = ['HUTCHINSON_DISTRIBUTIONS', 'probe_vectors', 'hutchinson_diagonal', 'sophia_h_update', 'SophiaH']
-
-# %% ../../nbs/78_sophia_h.ipynb #d9910b3e
-HUTCHINSON_DISTRIBUTIONS = OneOf(('gaussian', 'rademacher'))
-
-def probe_vectors(params: list[Tensor], distribution: str = 'rademacher',
-                  generator: torch.Generator | None = None) -> list[Tensor]:
-    "One z per parameter, drawn parameter after parameter: N(0, 1) or fair ±1 entries (E[z zᵀ] = I either way)"
-    if distribution == 'gaussian':
-        return [torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device) for p in params]
-    return [torch.randint(0, 2, p.shape, generator=generator, dtype=p.dtype, device=p.device).mul_(2).sub_(1)
-            for p in params]
-
-def hutchinson_diagonal(params: list[Tensor],                   # the tensors to differentiate the gradients by
-                        grads: list[Tensor],                    # their gradients, carrying the graph (create_graph=True)
-                        num_samples: int = 1,                   # S: probe vectors averaged
-                        distribution: str = 'rademacher',       # 'rademacher' (±1) or 'gaussian' (N(0, 1))
-                        generator: torch.Generator | None = None # None: torch's global generator
-                        ) -> list[Tensor]:
-    "D = (1/S) Σ_s z_s ⊙ (H z_s), one tensor per parameter, an unbiased estimate of diag(H); fp32 for fp16/bf16 params"
-    check_hypers('hutchinson_diagonal', dict(num_samples=num_samples, distribution=distribution),
-                 dict(num_samples=PositiveInt, distribution=HUTCHINSON_DISTRIBUTIONS))
-    live = [i for i, g in enumerate(grads) if g.requires_grad]   # a gradient without a graph: its rows of H are 0
-    estimates = [torch.zeros_like(p, dtype=torch.float32 if p.dtype in LOW_PRECISION else p.dtype) for p in params]
-    for s in range(num_samples):
-        zs = probe_vectors(params, distribution, generator)
-        if not live: continue
-        with torch.enable_grad():
-            hzs = torch.autograd.grad([grads[i] for i in live], params, grad_outputs=[zs[i] for i in live],
-                                      retain_graph=s < num_samples - 1, allow_unused=True)
-        for d, z, hz in zip(estimates, zs, hzs):
-            if hz is not None: d.addcmul_(z, hz, value=1 / num_samples)
-    return estimates
+__all__ = ['sophia_h_update', 'SophiaH']
 
 # %% ../../nbs/78_sophia_h.ipynb #3ac34083
 def sophia_h_update(grad: Tensor, exp_avg: Tensor, hessian_moment: Tensor, hessian: Tensor | None = None, *,
