@@ -5,9 +5,5 @@
 # before it.
 CROSS_PARAM = {'Kron'}
 
-# The random probes set the fitted Q: the one-process reference of tests/test_distributed.py draws other probes than
-# the 2 ranks (a different generator state), so its noise floor is the size of the step. Both ranks agree, under FSDP2
-# and DDP (the probes are broadcast from rank 0); the sharded and the replicated step are checked against one process
-# with the same seed instead, and a dcp round trip with the generator's state restored.
-ROUNDING_CHAOTIC = {'Kron': 'its random probes differ between the one-process reference and the ranks; '
-                            'see tests/test_kron.py::test_fsdp2_sharded_step_equals_one_process'}
+# tests/test_distributed.py seeds torch's generator before every run (and carries it across the checkpoint), so
+# the ranks draw the probes the one-process reference draws; the probes are broadcast from rank 0 under FSDP2 and DDP.

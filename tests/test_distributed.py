@@ -160,6 +160,7 @@ def fsdp_model(mesh):
 
 def run_fsdp(name, mesh, x, y, reduce, record: dict, out_dir):
     "Full weights after STEPS steps; records state placements, the checkpoint round trip and bytes gathered in `record`"
+    torch.manual_seed(0)   # an optimizer that draws random numbers (Kron's probes) draws the same ones as the references
     model = fsdp_model(mesh)
     try: opt = build(name, model.parameters())
     except Exception as e:
@@ -192,17 +193,20 @@ def resumed_weights(name, mesh, x, y, reduce, path):
     "SAVE_AT steps, `dcp.save`, load into a fresh model and optimizer, STEPS - SAVE_AT more: the full weights"
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    torch.manual_seed(0)
     model = fsdp_model(mesh)
     opt = build(name, model.parameters())
     train(name, model, opt, x, y, SAVE_AT, reduce)
     msd, osd = get_state_dict(model, opt)
     dcp.save({'model': msd, 'optim': osd}, checkpoint_id=str(path))
+    rng = torch.get_rng_state()   # a training script checkpoints its RNG too; get_state_dict below may step (and draw)
     model = fsdp_model(mesh)
     opt = build(name, model.parameters())
     msd, osd = get_state_dict(model, opt)
     loaded = {'model': msd, 'optim': osd}
     dcp.load(loaded, checkpoint_id=str(path))
     set_state_dict(model, opt, model_state_dict=loaded['model'], optim_state_dict=loaded['optim'])
+    torch.set_rng_state(rng)
     steps = {s['step'] for s in opt.state.values() if 'step' in s}
     if steps and steps != {SAVE_AT}: raise AssertionError(f'resumed at step {steps}, saved at {SAVE_AT}')
     train(name, model, opt, x, y, STEPS - SAVE_AT, reduce)
@@ -211,6 +215,7 @@ def resumed_weights(name, mesh, x, y, reduce, path):
 
 def run_ddp(name, x, y, reduce):
     from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.manual_seed(0)
     model = DDP(ContractNet())
     opt = build(name, model.parameters())
     train(name, model, opt, x, y, STEPS, reduce)
@@ -234,6 +239,7 @@ def reference(name: str):
     model = ContractNet()
     init = [p.detach().clone() for p in model.parameters()]
     opt = build(name, model.parameters())
+    torch.manual_seed(0)
     train(name, model, opt, x, y, STEPS)
     return init, [p.detach().clone() for p in model.parameters()], noise_floor(name)
 
@@ -243,8 +249,10 @@ def noise_floor(name: str) -> float:
     x, y = contract_data()
     model, ref = ContractNet(), ContractNet()
     opt, ref_opt = build(name, model.parameters()), build(name, ref.parameters())
+    torch.manual_seed(0)
     train(name, ref, ref_opt, x, y, STEPS)
     def halves_loss(m, x, y): return (loss_fn(m, half(x, 0), half(y, 0)) + loss_fn(m, half(x, 1), half(y, 1))) / 2
+    torch.manual_seed(0)
     train(name, model, opt, x, y, STEPS, loss_fn=halves_loss)
     return max_dev(list(model.parameters()), list(ref.parameters()))
 
