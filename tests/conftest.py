@@ -36,6 +36,8 @@ COMPILE_ATOL: dict[str, float] = {}
 # Rules whose one-process noise floor in tests/test_distributed.py is as large as their step, so that its 2-rank vs
 # 1-process comparison cannot tell right from wrong; the value says why and where the sharded step is checked instead.
 ROUNDING_CHAOTIC: dict[str, str] = {}
+# Optimizers with no hyperparameter fastai's `mom` can mean (a decay rate of a first moment); the value says why.
+NO_FASTAI_MOM: dict[str, str] = {}
 
 # Each chapter family may add its own knobs in a `tests/knobs_<family>.py` defining any of TOY_LR, TOY_HYPERS and
 # CROSS_PARAM; they are merged here, so that chapters written in parallel never edit the same file.
@@ -49,6 +51,7 @@ for _path in sorted(Path(__file__).parent.glob('knobs_*.py')):
     LR0_GROUP_HYPERS.update(getattr(_knobs, 'LR0_GROUP_HYPERS', {}))
     COMPILE_ATOL.update(getattr(_knobs, 'COMPILE_ATOL', {}))
     ROUNDING_CHAOTIC.update(getattr(_knobs, 'ROUNDING_CHAOTIC', {}))
+    NO_FASTAI_MOM.update(getattr(_knobs, 'NO_FASTAI_MOM', {}))
 
 
 def opt_class(name: str) -> type: return load_optimizer(name)
