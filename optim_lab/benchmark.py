@@ -15,13 +15,14 @@ from .registry import list_optimizers, load_optimizer
 
 # %% auto #0
 __all__ = ['ADAM_LR', 'SOLVED', 'COARSE', 'TRIALS', 'SEEDS', 'EVAL_POINTS', 'SECONDARY_LRS', 'FAMILIES', 'TARGET_AT', 'TAU_MAX',
-           'WORKLOAD', 'QUICK_WORKLOAD', 'STEP_TIME_HYPERS', 'COMPILE_SECONDS', 'EAGER_SECONDS', 'MAIN_OPTIMIZERS',
-           'default_lr', 'centre_lr', 'tuning_key', 'next_lr', 'edge', 'optimizer_factory', 'tune', 'family',
-           'leaderboard', 'first_reach', 'add_time_to_target', 'performance_profile', 'profile_score', 'step_cost',
-           'convergence', 'make_params', 'peer_factories', 'time_optimizers', 'state_bytes_per_param',
-           'step_time_table', 'markdown_table', 'write_csv', 'read_csv', 'ranking', 'ema', 'plot_profile',
-           'plot_heatmap', 'plot_curves', 'plot_sensitivity', 'plot_step_time', 'run_lab', 'budget_line',
-           'write_outputs', 'readme_summary', 'main']
+           'WORKLOAD', 'QUICK_WORKLOAD', 'STEP_WORKLOAD', 'STEP_TIME_HYPERS', 'STATE_MINIMUM_B', 'COMPILE_SECONDS',
+           'EAGER_SECONDS', 'STEP_COLUMNS', 'MAIN_OPTIMIZERS', 'default_lr', 'centre_lr', 'tuning_key', 'next_lr',
+           'edge', 'optimizer_factory', 'tune', 'family', 'leaderboard', 'first_reach', 'add_time_to_target',
+           'performance_profile', 'profile_score', 'step_cost', 'convergence', 'make_params', 'peer_factories',
+           'time_optimizers', 'state_bytes_per_param', 'machine', 'machine_line', 'step_time_table', 'markdown_table',
+           'write_csv', 'read_csv', 'ranking', 'ema', 'plot_profile', 'plot_heatmap', 'plot_curves', 'plot_sensitivity',
+           'plot_step_time', 'run_lab', 'budget_line', 'write_outputs', 'step_table_markdown', 'run_steps',
+           'readme_summary', 'main']
 
 # %% ../nbs/90_benchmark.ipynb #8452024f
 ADAM_LR = 1e-3  # torch.optim.Adam's default: `problem.lr` is a good lr for Adam, scaled to each optimizer's default
@@ -117,12 +118,12 @@ _FAMILY_MEMBERS = {
                           'ADOPT', 'AdaBound', 'AMSBound', 'AdaBelief', 'DiffGrad', 'LaProp', 'MADGRAD', 'MARS', 'RAdam',
                           'SAdam', 'SRAdam', 'Ranger', 'Ranger21', 'DuvAdam', 'SUAdam', 'BAdam', 'TALON', 'Adan',
                           'StableAdamW', 'SPAM'),
-    'factored & blockwise': ('AdaFactor', 'CAME', 'AdamMini'),
+    'factored & blockwise': ('AdaFactor', 'CAME', 'AdamMini', 'GaLore', 'APOLLO'),
     'schedule- & lr-free': ('ScheduleFreeSGD', 'ScheduleFreeAdamW', 'ScheduleFreeRAdam', 'Prodigy', 'DAdaptAdam', 'DAdaptSGD'),
     'layer-wise': ('LAMB', 'PreLAMB', 'UM', 'Nero', 'StableAdam', 'AdamAWD'),
     'diagonal Fisher': ('FAdam', 'FishMonger', 'FARMSCrop', 'FARMSCropV2', 'FCompass', 'FMARSCrop', 'FMARSCropExMachina',
                         'FMARSCropV2'),
-    'matrix & second order': ('Shampoo', 'SOAP', 'Muon', 'AdaHessian'),
+    'matrix & second order': ('Shampoo', 'SOAP', 'Muon', 'AdaHessian', 'AdaMuon', 'NorMuon', 'SCION', 'SophiaH'),
 }
 FAMILIES = {name: fam for fam, names in _FAMILY_MEMBERS.items() for name in names}  # optimizer name -> family
 
@@ -241,6 +242,7 @@ def convergence(names, problems, workers: int = 1, progress=None, **tune_kw) -> 
 # %% ../nbs/90_benchmark.ipynb #3bf41b33
 WORKLOAD = ((2048, 1024), (2048,), (1024, 1024), (1024,), (512, 1024), (512,), (64, 3, 3, 3), (64,))
 QUICK_WORKLOAD = ((256, 256), (256,), (128, 64), (64,))  # `--quick`: 82k numbers
+STEP_WORKLOAD = ((256, 256), (256, 256), (1024, 256), (256,)) * 16   # `--steps`: 6.3M numbers in 64 tensors
 
 def make_params(shapes=WORKLOAD, seed: int = 0) -> list[Tensor]:
     "Parameters with fixed random gradients: the step-time workload (about 3.7M fp32 numbers)"
@@ -308,6 +310,27 @@ def state_bytes_per_param(opt) -> float:
                if isinstance(v, Tensor) and v.dim() > 0)
     return held / n
 
+# The fewest bytes of state per fp32 parameter that the algorithm (as timed) must keep
+STATE_MINIMUM_B = {
+    'SGD': 4.0, 'Lion': 4.0,                       # one momentum buffer
+    'Adam': 8.0, 'AdamW': 8.0, 'RAdam': 8.0,       # m and v
+    'AdamMini': 4.0,                               # m; v is one number per block
+    'AdaFactor': 4.0,                              # m (β1 = 0.9); the factored v is one number per row and column
+}
+
+def machine() -> dict:
+    "What the timings ran on: CPU model, cores, torch's threads, torch version, the load average at the time"
+    cpu = ''
+    try: cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
+    except (OSError, StopIteration): cpu = __import__('platform').processor()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else math.nan
+    return dict(cpu=cpu or '?', cores=cores, threads=torch.get_num_threads(), torch=torch.__version__, load=round(load, 1))
+
+def machine_line(m: dict) -> str:
+    "One line for a table's caption"
+    return (f"measured on {m['cpu']} ({_count(m['cores'], 'core')}), {_count(m['threads'], 'thread')}, torch {m['torch']}, "
+            f"load average {m['load']:g} at the start")
 def _peer_factory(name: str, peers: dict):
     "pytorch-optimizer's optimizer of the same name (or torch.optim's), if there is one"
     if name in peers: return peers[name]
@@ -350,13 +373,14 @@ def step_time_table(names, rounds: int = 5, steps: int = 5, shapes=WORKLOAD, com
         for name in names[start:start + batch]:
             if name not in secs: continue
             cls, peer = load_optimizer(name), _peer_factory(name, peers)
+            peer_secs = secs.get(f'peer:{name}', math.nan)
             rows.append(dict(optimizer=name, family=family(cls), eager_ms=1e3 * secs[name], eager_vs_fused=secs[name] / fused,
                              compile_vs_fused=secs.get(f'{name} (compile)', math.nan) / fused,
-                             peer=peer[0] if f'peer:{name}' in secs else '',
-                             eager_vs_peer=secs[name] / secs[f'peer:{name}'] if f'peer:{name}' in secs else math.nan,
+                             peer=peer[0] if f'peer:{name}' in secs else '', peer_vs_fused=peer_secs / fused,
+                             eager_vs_peer=secs[name] / peer_secs,
                              state_B_per_param=state_bytes_per_param(opts[name]),
                              buffers_B_per_param=4.0 * len(cls.state_buffers) if cls.state_buffers else math.nan,
-                             fused_ms=1e3 * fused))
+                             state_min_B=STATE_MINIMUM_B.get(name, math.nan), fused_ms=1e3 * fused))
         del opts; gc.collect()
         if progress is not None:
             progress.update(sum(COMPILE_SECONDS if k.endswith('(compile)') else EAGER_SECONDS for k in chunk))
@@ -634,10 +658,42 @@ def write_outputs(out: Path, rows, board, time_rows, run: dict) -> list[Path]:
         f'Median of {run["rounds"]} rounds (up to 5 steps each, fewer for optimizers slower than 50 ms a step), round robin, in batches of 3 optimizers each with its own torch.optim.Adam(fused=True), '
         'the memory-bound floor (`fused_ms`: that batch\'s); `compile` is `compile=True`; `eager_vs_peer` against the '
         'same algorithm in torch.optim or pytorch-optimizer. `state_B_per_param`: bytes of state tensors per parameter; '
-        '`buffers_B_per_param`: the full-size buffers the math declares, 4 B each. CPU timings vary from run to run.',
+        '`buffers_B_per_param`: the full-size buffers the math declares, 4 B each; `state_min_B`: the fewest the algorithm '
+        'must keep; `peer_vs_fused`: the peer\'s step. CPU timings vary from run to run.',
         markdown_table(time_rows),
         '\n'.join(f'![{p.stem}]({p.name})' for p in plots)]) + '\n')
     return plots
+
+# %% ../nbs/90_benchmark.ipynb #abdbc1a2
+STEP_COLUMNS = ('optimizer', 'family', 'eager_vs_fused', 'compile_vs_fused', 'peer', 'peer_vs_fused', 'state_B_per_param',
+                'state_min_B', 'fused_ms')
+
+def step_table_markdown(rows: list[dict], info: dict, shapes=STEP_WORKLOAD, rounds: int = 5) -> str:
+    "The step-time table as markdown, its caption naming the workload and the machine"
+    n = sum(math.prod(s) for s in shapes)
+    caption = (f"Step time on {n / 1e6:.2g}M fp32 parameters in {len(shapes)} tensors, as multiples of "
+               f"torch.optim.Adam(fused=True) timed in the same batch (median of {rounds} round-robin rounds; `fused_ms`: "
+               f"that reference's step); {machine_line(info)}. `peer`: the same algorithm in torch.optim or "
+               "pytorch-optimizer. `state_B_per_param`: bytes of state tensors per parameter, measured; `state_min_B`: "
+               "what the algorithm must keep.")
+    return caption + '\n\n' + markdown_table(rows, list(STEP_COLUMNS))
+
+def run_steps(out='lab_results/steps', names=None, compile_names=None, rounds: int = 5, shapes=STEP_WORKLOAD,
+              threads: int | None = None, quiet: bool = False) -> Path:
+    "The step-time table of `names` (default: every optimizer) alone: step_time.csv, machine.json, step_time.md in `out`"
+    from tqdm.auto import tqdm
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    if threads: torch.set_num_threads(threads)
+    names = list(names or list_optimizers())
+    compile_names = names if compile_names is None else compile_names
+    info = machine()
+    estimate = len(set(compile_names) & set(names)) * COMPILE_SECONDS + 2 * len(names) * EAGER_SECONDS
+    with tqdm(total=estimate, disable=quiet, desc='step time', unit='s~', mininterval=2) as bar:
+        rows = step_time_table(names, rounds=rounds, shapes=shapes, compile_names=compile_names, progress=bar)
+    write_csv(rows, out / 'step_time.csv')
+    (out / 'machine.json').write_text(json.dumps(dict(info, commit=_commit(), workload=[list(s) for s in shapes]), indent=1) + '\n')
+    (out / 'step_time.md').write_text(step_table_markdown(rows, info, shapes, rounds) + '\n')
+    return out
 
 # %% ../nbs/90_benchmark.ipynb #1eebab7e
 MAIN_OPTIMIZERS = ('SGD', 'Adam', 'AdamW', 'RAdam', 'LAMB', 'AdaBelief', 'Lion', 'ADOPT', 'MARS', 'Shampoo', 'Muon', 'SOAP')
@@ -661,19 +717,28 @@ def readme_summary(results=None, top: int = 10, main=MAIN_OPTIMIZERS) -> str:
 
 # %% ../nbs/90_benchmark.ipynb #f59d8a25
 def main(argv=None):
-    "Command line: python -m optim_lab.benchmark --out DIR [--quick] [--only NAME ...] [--workers N]"
+    "Command line: python -m optim_lab.benchmark --out DIR [--quick] [--only NAME ...] [--workers N] [--steps [--threads N]]"
     parser = argparse.ArgumentParser(description='optim_lab benchmark: tuned leaderboard, time to target, step time')
     parser.add_argument('--out', default='lab_results', help='output folder')
     parser.add_argument('--only', nargs='*', help='optimizer names (default: all registered)')
     parser.add_argument('--quick', action='store_true', help='a fast smoke run: fewer steps, trials, seeds and rounds')
     parser.add_argument('--workers', type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else 2,
                         help='processes for the sweep (default: the cores available)')
-    parser.add_argument('--compile', choices=('all', 'main', 'none'), default='all',
-                        help='which optimizers the step-time table also times with compile=True (main: MAIN_OPTIMIZERS)')
+    parser.add_argument('--compile', default='all', metavar='{all,main,none,NAME,...}',
+                        help='which optimizers the step-time table also times with compile=True (main: MAIN_OPTIMIZERS; '
+                             'or a comma-separated list of names)')
+    parser.add_argument('--steps', action='store_true', help='only the step-time table, on STEP_WORKLOAD (6.3M parameters)')
+    parser.add_argument('--threads', type=int, help="torch's threads for the step-time table (default: torch's default)")
     args = parser.parse_args(argv)
     names = [load_optimizer(n).__name__ for n in args.only] if args.only else None
+    compile_names = ({'all': None, 'main': MAIN_OPTIMIZERS, 'none': ()}[args.compile] if args.compile in ('all', 'main', 'none')
+                     else tuple(load_optimizer(n).__name__ for n in args.compile.split(',')))
+    if args.steps:
+        kw = dict(rounds=2, shapes=QUICK_WORKLOAD) if args.quick else {}
+        out = run_steps(args.out, names, compile_names, threads=args.threads, **kw)
+        print(f'Step-time table written to {out.resolve()}/step_time.md')
+        return out
     if names and 'AdamW' not in names: names.append('AdamW')  # the baseline
-    compile_names = {'all': None, 'main': MAIN_OPTIMIZERS, 'none': ()}[args.compile]
     kw = dict(trials=3, seeds=2, steps=40, coarse=(0.1, 1.0, 10.0), rounds=2, shapes=QUICK_WORKLOAD) if args.quick else {}
     if args.quick and args.compile == 'all': compile_names = ('Adam',)
     out = run_lab(args.out, names=names, workers=max(1, args.workers), compile_names=compile_names, **kw)

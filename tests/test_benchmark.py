@@ -1,9 +1,11 @@
 """The benchmark's `--quick` run end to end (what `make lab` does, in miniature), checked against its own raw data
 recomputed independently: the tuned lr is the sweep's best, the edge flags match the sweep, the profile scores
-match the exact area under a step-function profile, and the README summary renders from the results folder."""
+match the exact area under a step-function profile, and the README summary renders from the results folder. The
+step-time table's state column against each algorithm's minimum, and its `--steps` command."""
 import json, math
 
 import pytest
+import torch
 
 from optim_lab.benchmark import SOLVED, TAU_MAX, main, read_csv, readme_summary
 
@@ -67,3 +69,50 @@ def test_readme_summary(quick):
     run = json.loads((quick / 'run.json').read_text())
     assert run['date'] in text and '| rank | optimizer |' in text
     assert 'torch Adam (foreach)' in text and '| Adam |' in text
+
+
+# Bytes of state per fp32 parameter each algorithm must keep, and the settings that time it: Adam's m and v; Lion's
+# and SGD-momentum's one buffer; Adam-mini's m (its v is one number per block); AdaFactor without momentum keeps only
+# the factored second moment, one number per row and column (~0 per parameter)
+MINIMA = {'Adam': ({}, 8.0), 'Lion': ({}, 4.0), 'SGD': (dict(momentum=0.9), 4.0), 'AdamMini': ({}, 4.0),
+          'AdaFactor': (dict(betas=(None, 0.999)), 0.0)}
+# what is above the minimum: Adam-mini's block means, AdaFactor's row and column factors and the full v of its vectors,
+# on STEP_WORKLOAD about 0.03 B per parameter; anything near a whole extra buffer (4 B) is a failure
+SLACK_B = 0.1
+
+
+def measured_state(name, **hypers):
+    from optim_lab.benchmark import STEP_WORKLOAD, make_params, state_bytes_per_param
+    from optim_lab.registry import load_optimizer
+    opt = load_optimizer(name)(make_params(STEP_WORKLOAD), **hypers)
+    opt.step(); opt.step()
+    return state_bytes_per_param(opt)
+
+
+@pytest.mark.parametrize('name', MINIMA)
+def test_state_is_the_algorithms_minimum(name):
+    hypers, minimum = MINIMA[name]
+    assert minimum <= measured_state(name, **hypers) <= minimum + SLACK_B
+
+
+def test_state_minimum_column():
+    "The table's minimum is the algorithm's as timed (SGD with momentum, AdaFactor with its default β1 = 0.9: m)"
+    from optim_lab.benchmark import STATE_MINIMUM_B, STEP_TIME_HYPERS, STEP_WORKLOAD, make_params, state_bytes_per_param
+    for name in ('Adam', 'Lion', 'SGD', 'AdamMini'): assert STATE_MINIMUM_B[name] == MINIMA[name][1]
+    assert STEP_TIME_HYPERS['SGD'] == MINIMA['SGD'][0]
+    assert 4.0 <= measured_state('AdaFactor') <= STATE_MINIMUM_B['AdaFactor'] + SLACK_B
+    torch_adam = torch.optim.Adam(make_params(STEP_WORKLOAD)); torch_adam.step()   # an independent count of Adam's 8 B
+    assert state_bytes_per_param(torch_adam) == STATE_MINIMUM_B['Adam']
+
+
+def test_steps_command(tmp_path):
+    "--steps writes the step-time table alone, its caption naming the machine"
+    main(['--steps', '--quick', '--only', 'SGD', 'Lion', '--compile', 'none', '--out', str(tmp_path)])
+    text = (tmp_path / 'step_time.md').read_text()
+    info = json.loads((tmp_path / 'machine.json').read_text())
+    assert f"measured on {info['cpu']}" in text and f"torch {torch.__version__}" in text and "thread" in text
+    assert '| optimizer | family | eager_vs_fused | compile_vs_fused | peer | peer_vs_fused | state_B_per_param |' in text
+    rows = {r['optimizer']: r for r in read_csv(tmp_path / 'step_time.csv')}
+    assert set(rows) == {'SGD', 'Lion', 'torch Adam (foreach)'}
+    assert rows['SGD']['state_B_per_param'] == rows['SGD']['state_min_B'] == 4.0
+    assert rows['SGD']['peer'] == 'torch.optim.SGD' and rows['SGD']['peer_vs_fused'] > 0
