@@ -2,6 +2,7 @@
 convergence against torchzero 0.4's step counts, exact solutions on a quadratic, zeroth-order modules that never ask for a
 gradient, Polyak's formula, exact `state_dict` resume, and agreement with torchzero built from the same (name, kwargs) list."""
 import copy
+import sys
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from optim_lab.modular import Modular, m
 from optim_lab.problems import rosenbrock
 
 DT = torch.float64
+WORKER = __name__ == '__main__' and sys.argv[1:] == ['worker']   # a rank of the sharded test at the end
 
 
 def build(lib, params, spec):
@@ -242,3 +244,69 @@ def test_bad_hyperparameters_and_missing_closure():
     for module in (m.StrongWolfe(), m.Newton(), m.SPSA()):
         with pytest.raises(ValueError, match='closure'): Modular([p], module).step()
     assert torch.equal(p, torch.zeros(2))
+
+
+# ---------------------------------------------------------------- settings of the quasi-Newton modules
+@pytest.mark.parametrize('name', ['BFGS', 'SR1'])
+@pytest.mark.parametrize('setting, value', [('init_scale', -1.0), ('init_scale', 'scalar'), ('tol', -1e-8),
+                                            ('ptol', -1.0), ('restart_interval', 0), ('beta', 1.0),
+                                            ('update_freq', 0), ('update_freq', 1.5), ('inverse', 'yes')])
+def test_quasi_newton_settings_checked_in_the_constructor_and_in_param_groups(name, setting, value):
+    "A bad value raises a ValueError naming the module, the setting, the value and the range: as an argument, in a group, written later"
+    p = torch.nn.Parameter(torch.ones(3, dtype=DT))
+    pattern = rf"{name}: {setting}={value!r} is outside the allowed range"
+    with pytest.raises(ValueError, match=pattern): getattr(m, name)(**{setting: value})
+    with pytest.raises(ValueError, match=pattern): Modular([{'params': [p], setting: value}], getattr(m, name)(), m.Backtracking())
+    opt = Modular([p], getattr(m, name)(), m.Backtracking())
+    with pytest.raises(ValueError, match=pattern): opt.param_groups[0][setting] = value
+
+
+def test_quasi_newton_accepts_its_documented_values():
+    for kw in (dict(init_scale='auto'), dict(init_scale=2.0), dict(restart_interval='auto'), dict(restart_interval=None),
+               dict(restart_interval=5), dict(beta=None), dict(beta=0.5), dict(ptol=None, gtol=None), dict(inverse=False)):
+        m.BFGS(**kw); m.SR1(**kw)
+
+
+# ---------------------------------------------------------------- initial_step_size on empty and sharded tensors
+from optim_lab.modular.second_order import initial_step_size
+
+SHARD_VECTORS = ([-3.0], [1e-3, 2.0, -0.5], [0.0])   # on 2 ranks: rank 1 holds nothing of the 1-element tensors
+
+
+def step_size_reference(vectors, eps):
+    "min(1, max(1/‖u‖₁, eps/max|u|)) in plain Python (1 for a zero update)"
+    flat = [abs(x) for v in vectors for x in v]
+    if max(flat, default=0.0) == 0: return 1.0
+    return min(max(1 / sum(flat), max(eps, torch.finfo(DT).eps) / max(flat)), 1.0)
+
+
+def test_initial_step_size_on_empty_and_zero_tensors():
+    assert initial_step_size([torch.zeros(0, dtype=DT), torch.tensor([3.0, -4.0], dtype=DT)]) == pytest.approx(1 / 7, rel=1e-15)
+    assert initial_step_size([torch.zeros(3, dtype=DT)]) == 1.0   # a zero update, no division by its max
+    vs = [torch.tensor(v, dtype=DT) for v in SHARD_VECTORS]
+    assert initial_step_size(vs, eps=1e-7) == pytest.approx(step_size_reference(SHARD_VECTORS, 1e-7), rel=1e-15)
+
+
+def _worker():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor, Shard
+    dist.init_process_group('gloo')
+    mesh = init_device_mesh('cpu', (2,))
+    us = [distribute_tensor(torch.tensor(v, dtype=DT), mesh, [Shard(0)]) for v in SHARD_VECTORS]
+    values = [initial_step_size(us, eps=eps) for eps in (None, 1e-7, 0.5)]
+    if dist.get_rank() == 0: print(repr(values))
+    from optim_lab.distributed import leave_process_group
+    leave_process_group()   # no finalisation of gloo's objects, which can abort a rank
+
+
+def test_initial_step_size_on_sharded_dtensors():
+    "FSDP2 shards: rank 1 holds an empty shard of two tensors; both ranks' scale is the whole tensors' scale"
+    import ast
+    from optim_lab.distributed import run_ranks
+    values = ast.literal_eval(run_ranks(__file__, 'worker', nproc=2, timeout=240).strip().splitlines()[-1])
+    for got, eps in zip(values, (None, 1e-7, 0.5)):
+        assert got == pytest.approx(step_size_reference(SHARD_VECTORS, eps or 0.0), rel=1e-15)
+
+
+if WORKER: _worker()

@@ -9,8 +9,9 @@ from typing import Callable, Literal
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Partial
 
-from ..core import check_hypers, Range, OneOf, NonNegative, Positive, Flag
+from ..core import check_hypers, Range, OneOf, NonNegative, Positive, Flag, IntRange, RangeOrNone
 from .chain import Module, Var
 
 # %% auto #0
@@ -319,12 +320,26 @@ def _epsilon_step_size(u: list[Tensor], alpha: float = 1e-7) -> float:
 # %% ../../nbs/62_second_order.ipynb #18d9b9a6
 def initial_step_size(u: list[Tensor], eps: float | None = None) -> float:
     "torch's L-BFGS first-step scale min(1, 1/‖u‖₁), but never making the largest entry smaller than `eps`"
-    a = [t.abs() for t in u]
-    total, biggest = float(sum(t.sum() for t in a)), float(max(t.max() for t in a))
+    total = float(sum(_whole(t.abs().sum()) for t in u))
+    biggest = float(max(_max_abs(t) for t in u))
+    if biggest == 0: return 1.0   # a zero update: any scale leaves it zero
     eps = max(eps or 0.0, torch.finfo(u[0].dtype).eps)
     lower = eps / biggest
     if lower >= 1: return 1.0
     return min(max(1 / total, lower), 1.0)
+
+def _whole(x: Tensor) -> Tensor:
+    "A reduction's value over the whole tensor: on a `DTensor` the sum of the shards' partial results (`float` would read this rank's)"
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+def _max_abs(t: Tensor) -> Tensor:
+    """max|t|, 0 for an empty `t`. On an FSDP2-sharded `DTensor` a rank's shard may be empty, and `max` has no identity
+    to start from there: each shard gives its own max (0 when empty), and the largest over the mesh is the tensor's."""
+    if isinstance(t, DTensor):
+        local = t.to_local()
+        m = local.abs().max() if local.numel() else local.new_zeros(())
+        return DTensor.from_local(m, t.device_mesh, [Partial('max')] * t.device_mesh.ndim, run_check=False).full_tensor()
+    return t.abs().max() if t.numel() else t.new_zeros(())
 
 # %% ../../nbs/62_second_order.ipynb #558f65e8
 def bfgs_inverse_update_(H: Tensor, s: Tensor, y: Tensor, tol: float = 1e-32) -> Tensor:
@@ -357,10 +372,20 @@ def _away_from_zero(x: Tensor) -> Tensor:
     return x if x.abs() >= tiny else torch.full_like(x, tiny).copysign(x)
 
 # %% ../../nbs/62_second_order.ipynb #0e9fb77b
+class _OrAuto:
+    "The values `rule` allows, or 'auto' (or None too, with `none=True`): a constraint for `check_hypers`"
+    def __init__(self, rule, none: bool = False): self.rule, self.none = rule, none
+    def allows(self, x) -> bool: return (isinstance(x, str) and x == 'auto') or (self.none and x is None) or self.rule.allows(x)
+    def __str__(self): return f"{self.rule}, 'auto'" + (" or None" if self.none else "")
+
 class QuasiNewton(Module):
     """A dense quasi-Newton method: keeps H ≈ ∇²f⁻¹ (or B ≈ ∇²f with `inverse=False`) for all parameters as one vector
     (or one per parameter with `concat_params=False`), updated from (s, y) = (Δx, Δupdate) by `update_H`/`update_B`"""
     update_H = update_B = None
+    constraints = dict(init_scale=_OrAuto(Positive), tol=NonNegative, ptol=RangeOrNone(0), ptol_restart=Flag,
+                       gtol=RangeOrNone(0), restart_interval=_OrAuto(IntRange(1), none=True),
+                       beta=RangeOrNone(0, 1, hi_open=True), update_freq=IntRange(1), scale_first=Flag,
+                       concat_params=Flag, inverse=Flag, safeguard=Flag)   # checked here and for a param group's overrides
     def __init__(self,
                  init_scale: float | Literal['auto'] = 'auto', # H₀ = I/init_scale; 'auto': ⟨y,y⟩/⟨s,y⟩ from the first pair (N&W eq. 6.20)
                  tol: float = 1e-32,                   # curvature tolerance of the update rule
@@ -375,15 +400,10 @@ class QuasiNewton(Module):
                  inverse: bool = True,                 # keep H = B⁻¹ (True) or B and solve (False)
                  safeguard: bool = True,               # reset H when H·u is not a descent direction (⟨Hu, u⟩ ≤ 0); not in torchzero
                  inner=None):                          # not supported
-        name = type(self).__name__
-        _no_inner(name, inner)
-        hypers = dict(init_scale=init_scale, tol=tol, ptol=ptol, ptol_restart=ptol_restart, gtol=gtol,
-                      restart_interval=restart_interval, beta=beta, update_freq=update_freq, scale_first=scale_first,
-                      concat_params=concat_params, inverse=inverse, safeguard=safeguard)
-        if init_scale != 'auto': check_hypers(name, hypers, dict(init_scale=Positive))
-        check_hypers(name, hypers, dict(tol=NonNegative, ptol_restart=Flag, update_freq=Range(1), scale_first=Flag,
-                                        concat_params=Flag, inverse=Flag, safeguard=Flag))
-        super().__init__(hypers)
+        _no_inner(type(self).__name__, inner)
+        super().__init__(dict(init_scale=init_scale, tol=tol, ptol=ptol, ptol_restart=ptol_restart, gtol=gtol,
+                              restart_interval=restart_interval, beta=beta, update_freq=update_freq, scale_first=scale_first,
+                              concat_params=concat_params, inverse=inverse, safeguard=safeguard))   # checked by `constraints`
 
     def _blocks(self, var):
         "(indices into var.params, state dict) per block: all parameters together, or one per parameter"
