@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core import LabOptimizer, Beta, NonNegative, add, addcmul_, sqrt
+from ..core import LabOptimizer, Beta, NonNegative, add, add_, addcmul_, sqrt
 from ..registry import register
-from ..toolkit.transforms import centralize, rms
+from ..toolkit.transforms import _unit_mean, rms
 
 # %% auto #0
-__all__ = ['compass_amplify', 'upstream_rms_clip', 'fcompass_update', 'FCompass']
+__all__ = ['compass_amplify', 'upstream_clip_scale', 'upstream_rms_clip', 'centred', 'fcompass_update', 'FCompass']
 
 # %% ../../nbs/45_fcompass.ipynb #5bd77c72
 def compass_amplify(update: Tensor,   # the current step direction
@@ -23,33 +23,49 @@ def compass_amplify(update: Tensor,   # the current step direction
     return add(update, momentum, alpha=amp_fac)
 
 # %% ../../nbs/45_fcompass.ipynb #e869254b
+def upstream_clip_scale(x: Tensor,  # the tensor whose RMS sets the scale (not modified)
+                        clip,       # c: the scale of the result
+                        eps,        # ε added to the RMS
+                       ) -> Tensor:
+    "c / max(1, RMS(x) + ε): the 0-d factor of upstream FCompass's clip, so a caller can fold it into another pass"
+    return clip / (rms(x) + eps).clamp_min(1)
+
 def upstream_rms_clip(x: Tensor,  # the tensor to clip (not modified)
                       clip,       # c: the scale of the result
                       eps,        # ε added to the RMS
                      ) -> Tensor:
     "x · c / max(1, RMS(x) + ε), upstream FCompass's clip (whole-tensor RMS); not the toolkit's `rms_clip`, x / max(1, RMS(x)/c)"
-    return x / ((rms(x) + eps).clamp_min(1) / clip)
+    return x * upstream_clip_scale(x, clip, eps)
+
+def centred(x: Tensor,        # a gradient or a step (not modified)
+            centralization,   # κ: the fraction of each unit's mean to subtract
+           ) -> Tensor:
+    "`centralize` (chapter 50) in one pass: x − κ·(unit mean), the mean broadcast rather than scaled to x's size first"
+    if x.dim() <= 1: return x
+    return add(x, _unit_mean(x), alpha=-centralization)
 
 # %% ../../nbs/45_fcompass.ipynb #6d46ebe9
 def fcompass_update(p: Tensor, grad: Tensor, momentum: Tensor, fim: Tensor, max_ema_squared: Tensor, *, step,
                     beta1, beta2, amp_fac, eps, weight_decay, clip, centralization) -> Tensor:
     "FCompass's direction s_t / (sqrt(u_t)/b_t + eps); updates m (`momentum`), F (`fim`) and u in place; `grad` is not modified"
-    if centralization != 0: grad = centralize(grad, centralization)  # g̃_t = g - κ mean(g), a new tensor (chapter 50)
+    g = centred(grad, centralization) if centralization != 0 else grad  # g̃_t = g - κ mean(g), a new tensor above 1-D
     beta_hat = (beta2 ** step - beta2) / (beta2 ** step - 1)         # β̂_t
     bias_correction = sqrt(1 - beta_hat ** step)                     # b_t
-    addcmul_(fim.mul_(beta_hat), grad, grad, value=1 - beta_hat)     # F_t
+    addcmul_(fim.mul_(beta_hat), g, g, value=1 - beta_hat)           # F_t
     fisher = fim.sqrt().add_(eps)                                    # D_t
-    natural = grad / fisher                                          # n_t before the clip
-    if clip != 0: natural = upstream_rms_clip(natural, clip, eps)
+    natural = g.div_(fisher) if g is not grad else g / fisher        # n_t before the clip (in g̃'s memory when it is ours)
+    if clip != 0: natural.mul_(upstream_clip_scale(natural, clip, eps))
     momentum.lerp_(natural, 1 - beta1)                               # m_t
-    full_step = compass_amplify(natural, momentum, amp_fac)          # s_t: the amplified step ...
+    full_step = add_(natural, momentum, alpha=amp_fac)               # s_t: the amplified step (n_t's memory) ...
     if isinstance(weight_decay, Tensor) or weight_decay != 0:        # ... and the decay (an eager step skips λ = 0)
-        decay = p / fisher
-        if clip != 0: decay = upstream_rms_clip(decay, clip, eps)
-        full_step.add_(decay * weight_decay)
-    torch.maximum(max_ema_squared, addcmul_(max_ema_squared * beta2, full_step, full_step, value=1 - beta2),
-                  out=max_ema_squared)                               # u_t
-    return full_step.div_(max_ema_squared.sqrt() / bias_correction + eps)
+        decay = torch.div(p, fisher, out=fisher)                     # θ / D_t (D_t is not needed after this)
+        if clip != 0: full_step.addcmul_(decay, weight_decay * upstream_clip_scale(decay, clip, eps))
+        else: add_(full_step, decay, alpha=weight_decay)
+    scratch = fisher                                                 # a full-size temporary we own
+    torch.mul(max_ema_squared, beta2, out=scratch)
+    torch.maximum(max_ema_squared, addcmul_(scratch, full_step, full_step, value=1 - beta2), out=max_ema_squared)  # u_t
+    denom = torch.sqrt(max_ema_squared, out=scratch).mul_(1 / bias_correction).add_(eps)   # sqrt(u_t)/b_t + ε
+    return full_step.div_(denom)
 
 # %% ../../nbs/45_fcompass.ipynb #2b1c6c26
 @register(paper='FCompass (Clybius/Personalized-Optimizers, commit bfa2fdd): Compass on FAdam\'s Fisher-preconditioned gradient',
