@@ -9,8 +9,8 @@ from torch import Tensor
 
 from ..core import LabOptimizer, Beta, NonNegative, add_, addcmul_
 from ..registry import register
-from ..toolkit.transforms import centralize
-from .fcompass import upstream_rms_clip
+from ..toolkit.transforms import _unit_mean, centralize
+from .fcompass import upstream_clip_scale
 
 # %% auto #0
 __all__ = ['fishmonger_update', 'FishMonger']
@@ -21,25 +21,34 @@ def fishmonger_update(p: Tensor, grad: Tensor, momentum: Tensor, momentum_slow: 
                       beta1, beta2, beta3, eps, weight_decay, clip, centralization, diff_amp, diff_amp_beta) -> Tensor:
     "FishMonger's direction s̃_t / (1 - β1^t); updates m, F, μ, w (and e, g_prev when given) in place; `grad` is not modified"
     if clip <= 0: clip = 1.0                                          # upstream: a clip of 0 means 1 (static hyper)
+    bias_correction = 1 - beta1 ** step                               # folded into each term's clip factor below
+    diff = None
     if ema_diff is not None:                                          # e_t, from g_t - g_{t-1}
-        ema_diff.lerp_(grad - previous_grad, 1 - diff_amp_beta)
+        diff = torch.sub(grad, previous_grad)
+        ema_diff.lerp_(diff, 1 - diff_amp_beta)
         previous_grad.copy_(grad)
     momentum.lerp_(grad, 1 - beta1)                                   # m_t
     fim_beta = (beta2 ** step - beta2) / (beta2 ** step - 1)          # β̂_t
     addcmul_(fim.mul_(fim_beta), momentum, momentum, value=1 - fim_beta)  # F_t
-    fisher = fim.sqrt().add_(eps)                                     # D_t
-    natural = upstream_rms_clip(momentum / fisher, clip, eps)         # n_t
+    fisher = torch.sqrt(fim, out=diff).add_(eps)                      # D_t (in the difference's memory, once used)
+    natural = momentum / fisher
+    natural.mul_(upstream_clip_scale(natural, clip, eps))             # n_t
     momentum_slow.lerp_(natural, 1 - beta1)                           # μ_t
     slow_beta = (beta3 ** step - beta3) / (beta3 ** step - 1)         # β̌_t
     addcmul_(momentum_slow_squared.mul_(slow_beta), momentum_slow, momentum_slow, value=1 - slow_beta)  # w_t
-    precond = momentum_slow_squared.sqrt().add_(eps).mul_(fisher)     # D_t S_t
-    full_step = upstream_rms_clip(grad / precond, clip, eps)          # s_t: the gradient term ...
+    precond = torch.sqrt(momentum_slow_squared, out=natural).add_(eps).mul_(fisher)  # D_t S_t (in n_t's memory)
+    full_step = torch.div(grad, precond, out=fisher)                  # s_t: the gradient term ...
+    full_step.mul_(upstream_clip_scale(full_step, clip, eps) / bias_correction)
+    term = None
     if isinstance(weight_decay, Tensor) or weight_decay != 0:         # ... Fisher-weighted decay (skipped eagerly at λ = 0) ...
-        full_step.add_(upstream_rms_clip(p / precond, clip, eps) * weight_decay)
+        term = torch.div(p, precond)
+        full_step.addcmul_(term, weight_decay * upstream_clip_scale(term, clip, eps) / bias_correction)
     if ema_diff is not None:                                          # ... the difference term
-        full_step.sub_(upstream_rms_clip(ema_diff / precond, clip, eps) * diff_amp)
-    if centralization != 0: full_step = centralize(full_step, centralization)  # s̃_t
-    return full_step.div_(1 - beta1 ** step)
+        term = torch.div(ema_diff, precond, out=term)
+        full_step.addcmul_(term, -diff_amp * upstream_clip_scale(term, clip, eps) / bias_correction)
+    if centralization != 0 and full_step.dim() > 1:                   # s̃_t, centred in place
+        add_(full_step, _unit_mean(full_step), alpha=-centralization)
+    return full_step
 
 # %% ../../nbs/47_fishmonger.ipynb #05ce1d56
 @register(paper='FishMonger (Clybius/Personalized-Optimizers, commit bfa2fdd): a gradient preconditioned by two Fisher estimates',
