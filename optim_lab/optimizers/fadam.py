@@ -9,24 +9,30 @@ from torch import Tensor
 
 from ..core import LabOptimizer, Beta, NonNegative, Positive, addcmul_
 from ..registry import register
-from ..toolkit.transforms import rms_clip
+from ..toolkit.transforms import rms as whole_rms, rms_clip
 
 # %% auto #0
 __all__ = ['fadam_update', 'FAdam']
 
 # %% ../../nbs/41_fadam.ipynb #a8502d9d
+def _rms_clip_scale(x: Tensor, clip) -> Tensor:
+    "1 / max(1, RMS(x)/c): the 0-d factor of the toolkit's `rms_clip`, to fold into another pass"
+    return (whole_rms(x) / clip).clamp(min=1).reciprocal()
+
 def fadam_update(p: Tensor, grad: Tensor, momentum: Tensor, fim: Tensor, *, step, beta1, beta2, weight_decay,
                  clip, p_exp, eps, eps_2) -> Tensor:
     "FAdam's direction m_t + λ·clipped(θ / (F_t^p + ε′)); updates `momentum` (m) and `fim` (F) in place"
     beta2_t = beta2 * (1 - beta2 ** (step - 1)) / (1 - beta2 ** step)      # bias-corrected decay rate β̂2
     addcmul_(fim.mul_(beta2_t), grad, grad, value=1 - beta2_t)            # F_t (= g² at t = 1)
-    rms_grad = grad.square().mean().sqrt()                                # RMS(g): over the whole tensor
+    rms_grad = whole_rms(grad)                                            # RMS(g): over the whole tensor
     eps_t = torch.where(rms_grad > 0, (eps_2 * rms_grad).clamp(max=eps), eps)  # ε′ = min(ε, ε₂·RMS(g))
     base = fim.pow(p_exp).add_(eps_t ** (2 * p_exp))                      # F_t^p + ε′^{2p}
-    nat_grad = rms_clip(grad / base, clip)                                # ḡ = g / (F^p + ε′^{2p}), RMS capped at c
+    nat_grad = grad / base
+    nat_grad.mul_(_rms_clip_scale(nat_grad, clip))                        # ḡ = g / (F^p + ε′^{2p}), RMS capped at c
     momentum.lerp_(nat_grad, 1 - beta1)                                   # m_t
-    decay = rms_clip(p / base, clip)                                      # ḡ_θ = θ / (F^p + ε′^{2p}), RMS capped at c
-    return decay.mul_(weight_decay).add_(momentum)              # m_t + λ ḡ_θ
+    if not (isinstance(weight_decay, Tensor) or weight_decay != 0): return nat_grad.copy_(momentum)  # eager λ = 0
+    decay = torch.div(p, base, out=nat_grad)                              # θ / (F^p + ε′^{2p}) (in ḡ's memory)
+    return torch.addcmul(momentum, decay, weight_decay * _rms_clip_scale(decay, clip), out=base)  # m_t + λ ḡ_θ
 
 # %% ../../nbs/41_fadam.ipynb #53c9fd0a
 @register(paper='FAdam: Adam is a natural gradient optimizer using diagonal empirical Fisher information', year=2024,
