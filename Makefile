@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 1
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: test lab lab-campaign lab-quick lab-check install system-packages sync-check nbtest pytest export outputs clean docs readme
+.PHONY: test lab bench-steps lab-campaign lab-quick lab-check install system-packages sync-check nbtest pytest export outputs clean docs readme
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ pytest: $(STAMP)
 ## The main job: benchmark every registered optimizer; tables (md, csv) and plots (png) go to $(OUT)/.
 lab: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m optim_lab.benchmark --out $(OUT) $(LAB_ARGS)
+
+## The step table alone (eager, compile=True, the peer, state bytes against the algorithm's minimum, the machine):
+## into lab_results/steps/, shown by chapter 90; run it on a quiet machine.
+bench-steps: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m optim_lab.benchmark --steps --threads 2 --compile main --out $(OUT)/steps $(LAB_ARGS)
 
 ## The lab's tuned campaign (chapter 92): both suites, every optimizer; each run is made once, into $(OUT)/runs.sqlite.
 lab-campaign: $(STAMP)

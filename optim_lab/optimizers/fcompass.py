@@ -9,10 +9,10 @@ from torch import Tensor
 
 from ..core import LabOptimizer, Beta, NonNegative, add, add_, addcmul_, sqrt
 from ..registry import register
-from ..toolkit.transforms import _unit_mean, rms
+from ..toolkit.transforms import centralize, rms
 
 # %% auto #0
-__all__ = ['compass_amplify', 'upstream_clip_scale', 'upstream_rms_clip', 'centred', 'fcompass_update', 'FCompass']
+__all__ = ['compass_amplify', 'upstream_clip_scale', 'upstream_rms_clip', 'fcompass_update', 'FCompass']
 
 # %% ../../nbs/45_fcompass.ipynb #5bd77c72
 def compass_amplify(update: Tensor,   # the current step direction
@@ -37,18 +37,11 @@ def upstream_rms_clip(x: Tensor,  # the tensor to clip (not modified)
     "x · c / max(1, RMS(x) + ε), upstream FCompass's clip (whole-tensor RMS); not the toolkit's `rms_clip`, x / max(1, RMS(x)/c)"
     return x * upstream_clip_scale(x, clip, eps)
 
-def centred(x: Tensor,        # a gradient or a step (not modified)
-            centralization,   # κ: the fraction of each unit's mean to subtract
-           ) -> Tensor:
-    "`centralize` (chapter 50) in one pass: x − κ·(unit mean), the mean broadcast rather than scaled to x's size first"
-    if x.dim() <= 1: return x
-    return add(x, _unit_mean(x), alpha=-centralization)
-
 # %% ../../nbs/45_fcompass.ipynb #6d46ebe9
 def fcompass_update(p: Tensor, grad: Tensor, momentum: Tensor, fim: Tensor, max_ema_squared: Tensor, *, step,
                     beta1, beta2, amp_fac, eps, weight_decay, clip, centralization) -> Tensor:
     "FCompass's direction s_t / (sqrt(u_t)/b_t + eps); updates m (`momentum`), F (`fim`) and u in place; `grad` is not modified"
-    g = centred(grad, centralization) if centralization != 0 else grad  # g̃_t = g - κ mean(g), a new tensor above 1-D
+    g = centralize(grad, centralization) if centralization != 0 else grad  # g̃_t = g - κ mean(g), a new tensor above 1-D
     beta_hat = (beta2 ** step - beta2) / (beta2 ** step - 1)         # β̂_t
     bias_correction = sqrt(1 - beta_hat ** step)                     # b_t
     addcmul_(fim.mul_(beta_hat), g, g, value=1 - beta_hat)           # F_t

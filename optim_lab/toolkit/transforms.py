@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import torch
 from torch import Tensor
+from ..core import add
 from ..distributed import local_shard_like
 
 # %% auto #0
@@ -58,7 +59,7 @@ def centralize(x: Tensor,              # a gradient or a step (not modified)
               ) -> Tensor:
     "x − κ·(each unit's mean over dims 1…) for tensors above 1-D, else `x` itself; a new tensor laid out like `x`"
     if x.dim() <= 1: return x
-    return x - _unit_mean(x) * centralization
+    return add(x, _unit_mean(x), alpha=-centralization)   # one pass: the mean is broadcast, never scaled to x's size
 
 # %% ../../nbs/50_transforms.ipynb #e480fadd
 def rms(x: Tensor) -> Tensor:
