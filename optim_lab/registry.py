@@ -10,8 +10,8 @@ from torch import nn
 from .core import LabOptimizer
 
 # %% auto #0
-__all__ = ['PACKAGES_WITH_OPTIMIZERS', 'NORM_LAYERS', 'normalize_name', 'register', 'list_optimizers', 'load_optimizer',
-           'optimizer_table', 'no_decay_names', 'create_optimizer']
+__all__ = ['PACKAGES_WITH_OPTIMIZERS', 'NORM_LAYERS', 'SECONDARY_DECAYS', 'normalize_name', 'register', 'list_optimizers',
+           'load_optimizer', 'optimizer_table', 'no_decay_names', 'create_optimizer']
 
 # %% ../nbs/01_registry.ipynb #928ef04b
 _REGISTRY: dict[str, type] = {}
@@ -109,6 +109,8 @@ def no_decay_names(model: nn.Module, wd_ban_list=('bias',)) -> set[str]:
                 or any(_name_ends_with(full, ban) for ban in wd_ban_list)): names.add(full)
     return names
 
+SECONDARY_DECAYS = ('adamw_wd',)   # a second rule's own decay (Muon and its family: the AdamW part), off in the no-decay group too
+
 def create_optimizer(model: nn.Module, name: str | type,
                      lr: float = 1e-3,
                      weight_decay: float = 0.0,
@@ -120,5 +122,7 @@ def create_optimizer(model: nn.Module, name: str | type,
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if n not in banned]
     no_decay = [p for n, p in named if n in banned]
-    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    import inspect
+    second = {k: 0.0 for k in SECONDARY_DECAYS if k in inspect.signature(cls.__init__).parameters}  # Muon's AdamW part
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0, **second)]
     return cls([g for g in groups if g['params']], lr=lr, **hypers)

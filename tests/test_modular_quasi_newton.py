@@ -453,7 +453,8 @@ def _worker():
     mesh = init_device_mesh('cpu', (2,))
     out = {name: sharded_run(name, lambda t: distribute_tensor(t, mesh, [Shard(0)])) for name in SHARDED}
     if dist.get_rank() == 0: print(json.dumps(out))
-    dist.destroy_process_group()
+    from optim_lab.distributed import leave_process_group
+    leave_process_group()   # together, and without Python's finalisation of gloo's objects
 
 
 @pytest.fixture(scope='module')
