@@ -38,6 +38,10 @@ COMPILE_ATOL: dict[str, float] = {}
 ROUNDING_CHAOTIC: dict[str, str] = {}
 # Optimizers with no hyperparameter fastai's `mom` can mean (a decay rate of a first moment); the value says why.
 NO_FASTAI_MOM: dict[str, str] = {}
+# The short fastai fit of tests/test_fastai.py (one epoch of 20 batches, one-cycle's default moms): per-optimizer
+# learning rate, epochs and the least drop of the validation loss it must show, where the default
+# (lr=1e-2, n_epoch=1, min_drop=0.05) does not suit the rule.
+FASTAI_FIT: dict[str, dict] = {}
 
 # Each chapter family may add its own knobs in a `tests/knobs_<family>.py` defining any of TOY_LR, TOY_HYPERS and
 # CROSS_PARAM; they are merged here, so that chapters written in parallel never edit the same file.
@@ -52,6 +56,7 @@ for _path in sorted(Path(__file__).parent.glob('knobs_*.py')):
     COMPILE_ATOL.update(getattr(_knobs, 'COMPILE_ATOL', {}))
     ROUNDING_CHAOTIC.update(getattr(_knobs, 'ROUNDING_CHAOTIC', {}))
     NO_FASTAI_MOM.update(getattr(_knobs, 'NO_FASTAI_MOM', {}))
+    FASTAI_FIT.update(getattr(_knobs, 'FASTAI_FIT', {}))
 
 
 def opt_class(name: str) -> type: return load_optimizer(name)

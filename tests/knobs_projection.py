@@ -14,3 +14,8 @@ LR0_GROUP_HYPERS = {'Nero': {'constraints': False}}  # Nero projects onto its co
 # every 2 steps, and blocks of 4 (the 3x16 matrix in four blocks, the 5-channel kernel's rows in two) put the roots,
 # their reuse and the block partitioning under every contract, compile and FSDP2 check.
 TOY_HYPERS = {'Shampoo': dict(start_preconditioning_step=2, preconditioning_compute_steps=2, block_size=4)}
+
+# fastai's default moms drive Shampoo's mix of the gradient with the previous update to 0.95, which trains it slowly
+# by design (chapter 28 trains it with moms=(0, 0, 0) past 0.95 accuracy); over 3 epochs at lr 1e-2 its valid loss
+# still falls by 0.08-0.12 (4 batch orders), far beyond the +-0.005 of rounding, and that is what is asserted.
+FASTAI_FIT = {'Shampoo': dict(lr=1e-2, n_epoch=3, min_drop=0.02), 'SGDP': dict(lr=0.1)}

@@ -17,6 +17,7 @@ from fastai.data.load import DataLoader
 from fastai.torch_core import params as module_params
 
 from optim_lab import list_optimizers, load_optimizer
+from conftest import FASTAI_FIT
 
 try:
     from optim_lab.fastai import digits_learner, opt_func
@@ -186,16 +187,19 @@ SINGLE_BETA = _single_beta()
 def test_single_beta_momentum_is_scheduled(name, own):
     from fastai.learner import Learner
     extra = {'momentum': 0.9} if own == 'momentum' else {}
+    fit = dict(lr=1e-2, n_epoch=1, min_drop=0.05) | FASTAI_FIT.get(name, {})
     rec = RecordHypers()
     learn = Learner(small_dls(), digits_cnn(seed=0), loss_func=torch.nn.CrossEntropyLoss(),
                     opt_func=opt_func(name, **extra), cbs=[rec])
     with learn.no_bar(), learn.no_logging():
         before = learn.validate()[0]
-        learn.fit_one_cycle(1, 1e-2)
+        learn.fit_one_cycle(fit['n_epoch'], fit['lr'])
     expected = combined_cos(PCT_START, *MOMS)
     values = [g[0][own] for g in rec.groups]
     assert values == pytest.approx([expected(p) for p in rec.pcts], abs=1e-12)
     assert min(values) == pytest.approx(0.85, abs=1e-2) and values[-1] == pytest.approx(0.95, abs=5e-3)
     assert learn.opt.opt.param_groups[0][own] == pytest.approx(learn.recorder.hps['mom'][-1], abs=1e-12)
+    # From an untrained net (valid loss ~ln 10 = 2.30), 20 steps at lr 1e-2 lower it by 0.074 (PreLAMB) to 1.9 for
+    # every optimizer without a knob, and the drop varies by at most 0.03 over 4 batch orders; 0.05 sits between
     after = learn.recorder.values[-1][1]
-    assert math.isfinite(after) and after < before, f'{name}: valid loss {before:.3f} -> {after:.3f}'
+    assert math.isfinite(after) and after < before - fit['min_drop'], f'{name}: valid loss {before:.3f} -> {after:.3f}'
