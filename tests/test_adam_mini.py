@@ -14,6 +14,7 @@ from torch import nn
 from optim_lab import load_optimizer
 from optim_lab.checks import reference_check
 from histories import run, assert_close_histories
+from distributed_harness import is_rank, rank_results, serve_rank
 
 AdamMini = load_optimizer('AdamMini')
 Adam = load_optimizer('Adam')
@@ -163,28 +164,18 @@ def _blocks_train(model, steps=6):
         ((model(x) - y) ** 2).mean().backward()
         opt.step()
 
-def _fsdp_blocks_worker(out: str):
-    "Run as a script on 2 ranks: the same full batch on both, FSDP2-sharded; rank 0 saves the full weights"
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+def _fsdp_blocks_worker(mesh, out_dir):
+    "On each of the 2 ranks: the same full batch on both, FSDP2-sharded; the full weights"
     from torch.distributed.fsdp import fully_shard
-    from optim_lab.distributed import full_tensor, leave_process_group
-    from datetime import timedelta
-    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
-    mesh = init_device_mesh('cpu', (dist.get_world_size(),))
+    from optim_lab.distributed import full_tensor
     model = _blocks_model()
     for layer in (model[0], model[2]): fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     _blocks_train(model)
-    weights = [full_tensor(p.detach()) for p in model.parameters()]
-    if dist.get_rank() == 0: torch.save(weights, out)
-    leave_process_group()
+    return [full_tensor(p.detach()) for p in model.parameters()]
 
 def test_blocks_under_fsdp2_match_one_process(tmp_path):
-    from optim_lab.distributed import run_ranks
-    out = tmp_path / 'weights.pt'
-    run_ranks(__file__, str(out), timeout=240)
-    sharded = torch.load(out)
+    sharded = rank_results(__file__, tmp_path)[0]   # rank 0's
     model = _blocks_model()
     _blocks_train(model)
     for a, b in zip(sharded, model.parameters(), strict=True):
@@ -192,6 +183,4 @@ def test_blocks_under_fsdp2_match_one_process(tmp_path):
     assert max((a - b).abs().max() for a, b in zip(sharded, _blocks_model().parameters())) > 1e-2  # it moved
 
 
-if __name__ == '__main__':
-    import sys
-    _fsdp_blocks_worker(sys.argv[1])
+if is_rank(__name__): serve_rank(_fsdp_blocks_worker)

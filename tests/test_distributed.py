@@ -1,13 +1,12 @@
 """The distributed contract: every registered optimizer, on 2 gloo CPU processes under FSDP2 and under DDP, ends
 where one process ends; its sharded state is DTensors; `torch.distributed.checkpoint` resumes it bit for bit.
 
-Everything distributed happens in ONE spawn of 2 ranks (this file run as a script, `worker`), which saves each
-rank's results to a file; the tests below read them, compute the one-process references here, and assert per
-optimizer, so a failure names it. Parametrized over the registry: an optimizer added later is covered.
+Everything distributed happens in ONE spawn of 2 ranks (this file run as a script by tests/distributed_harness.py,
+`worker`), which saves each rank's results to a file; the tests below read them, compute the one-process references
+here, and assert per optimizer, so a failure names it. Parametrized over the registry: an optimizer added later is covered.
 """
 from __future__ import annotations
-import json, os, sys
-from datetime import timedelta
+import json, os
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,9 +17,10 @@ import torch
 from torch import nn
 
 from optim_lab.core import LabOptimizer
-from optim_lab.distributed import bytes_gathered, full_tensor, leave_process_group, local_shard_like, run_ranks
+from optim_lab.distributed import bytes_gathered, full_tensor, local_shard_like, run_ranks
 
 from conftest import ALL, ROUNDING_CHAOTIC, make_opt, opt_class
+from distributed_harness import is_rank, rank_results, serve_rank
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_AT = 5, 3     # steps per run; the checkpoint test saves after SAVE_AT and resumes for the rest
@@ -125,12 +125,9 @@ def train(name, model, opt, x, y, steps, reduce=lambda loss: loss, loss_fn=loss_
 
 # %% The worker: 2 ranks run every optimizer under FSDP2, DDP and a checkpoint round trip
 
-def worker(out_dir: str):
+def worker(mesh, out_dir: Path):
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
-    rank = dist.get_rank()
-    mesh = init_device_mesh('cpu', (dist.get_world_size(),))
+    rank = mesh.get_rank()
     x, y = (half(t, rank) for t in contract_data())
     def mean_over_ranks(loss):
         dist.all_reduce(loss)
@@ -141,8 +138,7 @@ def worker(out_dir: str):
         results[name] = r = {}
         r['fsdp'] = attempt(lambda: run_fsdp(name, mesh, x, y, mean_over_ranks, r, out_dir))
         r['ddp'] = attempt(lambda: run_ddp(name, x, y, mean_over_ranks))
-    torch.save(results, Path(out_dir) / f'rank{rank}.pt')
-    leave_process_group()           # together, and without Python's finalisation of gloo's objects
+    return results
 
 
 def attempt(run):
@@ -227,9 +223,7 @@ def run_ddp(name, x, y, reduce):
 @pytest.fixture(scope='module')
 def ranks(tmp_path_factory) -> list[dict]:
     "Spawn the 2 ranks once for the whole module; each rank's results"
-    out = tmp_path_factory.mktemp('distributed')
-    run_ranks(__file__, out, nproc=2, timeout=240)
-    return [torch.load(out / f'rank{r}.pt', weights_only=False) for r in range(2)]
+    return rank_results(__file__, tmp_path_factory.mktemp('distributed'))
 
 
 @lru_cache(maxsize=None)
@@ -346,5 +340,4 @@ def test_example_trains_under_fsdp(tmp_path):
     assert summary['final_loss'] < 0.25 * summary['first_loss'] and summary['valid_accuracy'] > 0.8, summary
 
 
-if __name__ == '__main__':
-    worker(sys.argv[1])
+if is_rank(__name__): serve_rank(worker)

@@ -8,6 +8,7 @@ import pytorch_optimizer
 
 from optim_lab.optimizers.galore_apollo import GaLore, APOLLO
 from optim_lab.optimizers.adam import AdamW
+from distributed_harness import is_rank, rank_results, serve_rank, shard_rows
 
 
 def sides_of(shape, projection_type):
@@ -238,30 +239,20 @@ def _dist_run(name, shard=lambda t: t):
     return params, opt
 
 
-def _dist_worker(out_dir):
-    from datetime import timedelta
-    from pathlib import Path
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-    from optim_lab.distributed import leave_process_group
-    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
-    mesh = init_device_mesh('cpu', (dist.get_world_size(),))
+def _dist_worker(mesh, out_dir):
+    from torch.distributed.tensor import DTensor
     results = {}
     for name in DIST_OPTS:
-        params, opt = _dist_run(name, lambda t: distribute_tensor(t, mesh, [Shard(0)]))
+        params, opt = _dist_run(name, shard_rows(mesh))
         sharded_state = all(isinstance(v, DTensor) and v.placements == p.placements
                             for p in params for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.shape == p.shape)
         results[name] = dict(weights=[p.full_tensor() for p in params], sharded_state=sharded_state)
-    torch.save(results, Path(out_dir) / f'rank{dist.get_rank()}.pt')
-    leave_process_group()
+    return results
 
 
 def test_fsdp2_sharded_step_equals_one_process(tmp_path):
     "The SVD and the random bases see the whole matrix: 2 ranks with Shard(0) parameters take the one-process steps"
-    from optim_lab.distributed import run_ranks
-    run_ranks(__file__, tmp_path, nproc=2, timeout=240)
-    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
+    ranks = rank_results(__file__, tmp_path)
     for name in DIST_OPTS:
         one, _ = _dist_run(name)
         assert max((p.detach() - q).abs().max().item() for p, q in zip(one, _dist_tensors(0))) > 1e-2   # it moved
@@ -271,6 +262,4 @@ def test_fsdp2_sharded_step_equals_one_process(tmp_path):
             assert dev < 1e-6, f'{name}: 2 ranks vs one process {dev:.2e}'
 
 
-if __name__ == '__main__':
-    import sys
-    _dist_worker(sys.argv[1])
+if is_rank(__name__): serve_rank(_dist_worker)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from optim_lab.optimizers.kron import Kron, kron_factor_kinds
+from distributed_harness import is_rank, rank_results, serve_rank, shard_rows
 
 torch.set_num_threads(1)
 pytorch_optimizer = pytest.importorskip('pytorch_optimizer')
@@ -232,25 +233,17 @@ def _dist_run(shard=lambda t: t, seed=0):
     return params, opt
 
 
-def _dist_worker(out_dir):
-    from datetime import timedelta
-    from pathlib import Path
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-    from optim_lab.distributed import leave_process_group
-    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
-    mesh = init_device_mesh('cpu', (dist.get_world_size(),))
-    rank = dist.get_rank()
-    params, opt = _dist_run(lambda t: distribute_tensor(t, mesh, [Shard(0)]), seed=rank)   # each rank its own seed
+def _dist_worker(mesh, out_dir):
+    from torch.distributed.tensor import DTensor
+    rank = mesh.get_rank()
+    params, opt = _dist_run(shard_rows(mesh), seed=rank)   # each rank its own seed
     sharded = all(isinstance(v, DTensor) and v.placements == p.placements
                   for p in params for k, v in opt.state[p].items() if torch.is_tensor(v) and v.shape == p.shape)
     replicated, _ = _dist_run(seed=rank)        # plain tensors in a process group, as under DDP
     results = dict(weights=[p.full_tensor() for p in params], sharded_state=sharded,
                    replicated=[p.detach().clone() for p in replicated])
-    results['dcp'] = _dcp_round_trip(mesh, rank, Path(out_dir) / 'ckpt')
-    torch.save(results, Path(out_dir) / f'rank{dist.get_rank()}.pt')
-    leave_process_group()
+    results['dcp'] = _dcp_round_trip(mesh, rank, out_dir / 'ckpt')
+    return results
 
 
 def _dcp_round_trip(mesh, rank, path):
@@ -291,9 +284,7 @@ def _dcp_round_trip(mesh, rank, path):
 def test_fsdp2_sharded_step_equals_one_process(tmp_path):
     """FSDP2 and replicated (DDP-style) tensors on 2 ranks seeded differently: both ranks take rank 0's probes; a
     torch.distributed.checkpoint round trip with the generator's state restored continues bit for bit"""
-    from optim_lab.distributed import run_ranks
-    run_ranks(__file__, tmp_path, nproc=2, timeout=240)
-    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
+    ranks = rank_results(__file__, tmp_path)
     one, _ = _dist_run()
     init = _dist_tensors(0)
     assert max((p.detach() - q).abs().max().item() for p, q in zip(one, init)) > 1e-2   # it moved
@@ -308,6 +299,4 @@ def test_fsdp2_sharded_step_equals_one_process(tmp_path):
     assert max((p.detach() - q.detach()).abs().max().item() for p, q in zip(other, one)) > 1e-4
 
 
-if __name__ == '__main__':
-    import sys
-    _dist_worker(sys.argv[1])
+if is_rank(__name__): serve_rank(_dist_worker)

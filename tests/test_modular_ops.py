@@ -16,6 +16,7 @@ from torch import nn, Tensor
 
 from optim_lab.modular import Modular, m
 import optim_lab.modular.ops as ops
+from distributed_harness import is_rank, rank_results, serve_rank
 
 tz = pytest.importorskip('torchzero')
 warnings.filterwarnings('ignore', module='torchzero')
@@ -407,15 +408,10 @@ def _fsdp_train(model, modules, steps=6):
         opt.step()
 
 
-def _fsdp_worker(out: str):
-    "Run as a script on 2 ranks: each chain trains an FSDP2-sharded copy of the model; rank 0 saves the full weights"
-    import torch.distributed as dist
-    from datetime import timedelta
-    from torch.distributed.device_mesh import init_device_mesh
+def _fsdp_worker(mesh, out_dir):
+    "On each of the 2 ranks: each chain trains an FSDP2-sharded copy of the model; the full weights"
     from torch.distributed.fsdp import fully_shard
-    from optim_lab.distributed import full_tensor, leave_process_group
-    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
-    mesh = init_device_mesh('cpu', (dist.get_world_size(),))
+    from optim_lab.distributed import full_tensor
     weights = {}
     for name, build in FSDP_CHAINS.items():
         model = _fsdp_model()
@@ -423,15 +419,11 @@ def _fsdp_worker(out: str):
         fully_shard(model, mesh=mesh)
         _fsdp_train(model, build())
         weights[name] = [full_tensor(p.detach()) for p in model.parameters()]
-    if dist.get_rank() == 0: torch.save(weights, out)
-    leave_process_group()
+    return weights
 
 
 def test_whole_tensor_modules_under_fsdp2_match_one_process(tmp_path):
-    from optim_lab.distributed import run_ranks
-    out = tmp_path / 'weights.pt'
-    run_ranks(__file__, str(out), timeout=240)
-    sharded = torch.load(out)
+    sharded = rank_results(__file__, tmp_path)[0]   # rank 0's
     start = list(_fsdp_model().parameters())
     for name, build in FSDP_CHAINS.items():
         model = _fsdp_model()
@@ -441,6 +433,4 @@ def test_whole_tensor_modules_under_fsdp2_match_one_process(tmp_path):
         assert max((a - s).abs().max() for a, s in zip(sharded[name], start)) > 1e-3, name   # it moved
 
 
-if __name__ == '__main__':
-    import sys
-    _fsdp_worker(sys.argv[1])
+if is_rank(__name__): serve_rank(_fsdp_worker)

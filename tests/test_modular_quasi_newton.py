@@ -5,7 +5,6 @@ formula, each update against a plain transcription of its textbook formula, the 
 bad arguments, and exact state_dict resume."""
 import copy
 import inspect
-import sys
 import warnings
 
 import pytest
@@ -14,8 +13,9 @@ import torch
 from optim_lab.modular import Modular, m
 from optim_lab.modular.second_order import LineSearch
 from optim_lab.problems import rosenbrock
+from distributed_harness import is_rank, rank_results, serve_rank, shard_rows
 
-WORKER = __name__ == '__main__' and sys.argv[1:] == ['worker']   # a rank of the sharded test at the end
+WORKER = is_rank(__name__)   # a rank of the sharded test at the end
 if not WORKER:
     tz = pytest.importorskip('torchzero')
 DT = torch.float64
@@ -444,24 +444,13 @@ def sharded_run(name, shard=None):
     return [(p.full_tensor() if shard else p.detach()).tolist() for p in ps]
 
 
-def _worker():
-    import json
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import distribute_tensor, Shard
-    dist.init_process_group('gloo')
-    mesh = init_device_mesh('cpu', (2,))
-    out = {name: sharded_run(name, lambda t: distribute_tensor(t, mesh, [Shard(0)])) for name in SHARDED}
-    if dist.get_rank() == 0: print(json.dumps(out))
-    from optim_lab.distributed import leave_process_group
-    leave_process_group()   # together, and without Python's finalisation of gloo's objects
+def _worker(mesh, out_dir):
+    return {name: sharded_run(name, shard_rows(mesh)) for name in SHARDED}
 
 
 @pytest.fixture(scope='module')
-def sharded_results():
-    import json
-    from optim_lab.distributed import run_ranks
-    return json.loads(run_ranks(__file__, 'worker', nproc=2, timeout=240).strip().splitlines()[-1])
+def sharded_results(tmp_path_factory):
+    return rank_results(__file__, tmp_path_factory.mktemp('ranks'))[0]   # rank 0's
 
 
 @pytest.mark.parametrize('name', list(SHARDED))
@@ -471,4 +460,4 @@ def test_sharded_parameters_end_where_one_process_ends(name, sharded_results):
     assert max((a - b).abs().max().item() for a, b in zip(ours_, ref)) <= 1e-12
 
 
-if WORKER: _worker()
+if WORKER: serve_rank(_worker)

@@ -15,6 +15,7 @@ from optim_lab.optimizers.adam import Adam
 from optim_lab.optimizers.muon import MUON_COEFFS, Muon, orthogonalize
 from optim_lab.toolkit.spectral import newton_schulz
 from optim_lab.optimizers.soap import SOAP, merge_small_dims
+from distributed_harness import is_rank, rank_results, serve_rank, shard_rows
 
 D = torch.float64
 
@@ -365,30 +366,20 @@ def _dist_run(name, shard=lambda t: t):
     return params, opt
 
 
-def _dist_worker(out_dir):
-    from datetime import timedelta
-    from pathlib import Path
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-    from optim_lab.distributed import leave_process_group
-    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
-    mesh = init_device_mesh('cpu', (dist.get_world_size(),))
+def _dist_worker(mesh, out_dir):
+    from torch.distributed.tensor import DTensor
     results = {}
     for name in DIST_OPTS:
-        params, opt = _dist_run(name, lambda t: distribute_tensor(t, mesh, [Shard(0)]))
+        params, opt = _dist_run(name, shard_rows(mesh))
         moments = ('momentum_buffer', 'exp_avg', 'exp_avg_sq')   # (SOAP's factors of a square matrix are replicated)
         sharded_state = all(isinstance(v, DTensor) and v.placements == p.placements
                             for p in params for k, v in opt.state[p].items() if k in moments)
         results[name] = dict(weights=[p.full_tensor() for p in params], sharded_state=sharded_state)
-    torch.save(results, Path(out_dir) / f'rank{dist.get_rank()}.pt')
-    leave_process_group()           # together, and without Python's finalisation of gloo's objects
+    return results
 
 
 def test_fsdp2_sharded_step_equals_one_process(tmp_path):
-    from optim_lab.distributed import run_ranks
-    run_ranks(__file__, tmp_path, nproc=2, timeout=240)
-    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
+    ranks = rank_results(__file__, tmp_path)
     for name in DIST_OPTS:
         one, _ = _dist_run(name)
         init = _dist_tensors(0)
@@ -399,6 +390,4 @@ def test_fsdp2_sharded_step_equals_one_process(tmp_path):
             assert dev < 1e-6, f'{name}: 2 ranks vs one process {dev:.2e}'
 
 
-if __name__ == '__main__':
-    import sys
-    _dist_worker(sys.argv[1])
+if is_rank(__name__): serve_rank(_dist_worker)

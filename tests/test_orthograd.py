@@ -7,6 +7,7 @@ import pytorch_optimizer
 
 from optim_lab.orthograd import OrthoGrad, orthogonalize_
 from optim_lab.optimizers.adam import AdamW
+from distributed_harness import is_rank, rank_results, serve_rank, shard_rows
 
 
 def authors_rule(w, g):
@@ -153,29 +154,16 @@ def _dist_run(shard=lambda t: t, steps=6):
     return params
 
 
-def _dist_worker(out_dir):
-    from datetime import timedelta
-    from pathlib import Path
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-    from optim_lab.distributed import leave_process_group
-    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
-    mesh = init_device_mesh('cpu', (dist.get_world_size(),))
-    params = _dist_run(lambda t: distribute_tensor(t, mesh, [Shard(0)]))
-    torch.save([p.full_tensor() for p in params], Path(out_dir) / f'rank{dist.get_rank()}.pt')
-    leave_process_group()
+def _dist_worker(mesh, out_dir):
+    return [p.full_tensor() for p in _dist_run(shard_rows(mesh))]
 
 
 def test_fsdp2_sharded_step_equals_one_process(tmp_path):
-    from optim_lab.distributed import run_ranks
-    run_ranks(__file__, tmp_path, nproc=2, timeout=240)
+    ranks = rank_results(__file__, tmp_path)
     one = _dist_run()
     for r in range(2):
-        dev = max((a - b.detach()).abs().max().item() for a, b in zip(torch.load(tmp_path / f'rank{r}.pt'), one))
+        dev = max((a - b.detach()).abs().max().item() for a, b in zip(ranks[r], one))
         assert dev < 1e-6, f'rank {r}: 2 ranks vs one process {dev:.2e}'
 
 
-if __name__ == '__main__':
-    import sys
-    _dist_worker(sys.argv[1])
+if is_rank(__name__): serve_rank(_dist_worker)

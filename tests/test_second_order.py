@@ -2,7 +2,6 @@
 convergence against torchzero 0.4's step counts, exact solutions on a quadratic, zeroth-order modules that never ask for a
 gradient, Polyak's formula, exact `state_dict` resume, and agreement with torchzero built from the same (name, kwargs) list."""
 import copy
-import sys
 
 import pytest
 import torch
@@ -10,9 +9,9 @@ import torchzero as tz
 
 from optim_lab.modular import Modular, m
 from optim_lab.problems import rosenbrock
+from distributed_harness import is_rank, rank_results, serve_rank, shard_rows
 
 DT = torch.float64
-WORKER = __name__ == '__main__' and sys.argv[1:] == ['worker']   # a rank of the sharded test at the end
 
 
 def build(lib, params, spec):
@@ -287,26 +286,16 @@ def test_initial_step_size_on_empty_and_zero_tensors():
     assert initial_step_size(vs, eps=1e-7) == pytest.approx(step_size_reference(SHARD_VECTORS, 1e-7), rel=1e-15)
 
 
-def _worker():
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import distribute_tensor, Shard
-    dist.init_process_group('gloo')
-    mesh = init_device_mesh('cpu', (2,))
-    us = [distribute_tensor(torch.tensor(v, dtype=DT), mesh, [Shard(0)]) for v in SHARD_VECTORS]
-    values = [initial_step_size(us, eps=eps) for eps in (None, 1e-7, 0.5)]
-    if dist.get_rank() == 0: print(repr(values))
-    from optim_lab.distributed import leave_process_group
-    leave_process_group()   # no finalisation of gloo's objects, which can abort a rank
+def _worker(mesh, out_dir):
+    us = [shard_rows(mesh)(torch.tensor(v, dtype=DT)) for v in SHARD_VECTORS]
+    return [initial_step_size(us, eps=eps) for eps in (None, 1e-7, 0.5)]
 
 
-def test_initial_step_size_on_sharded_dtensors():
+def test_initial_step_size_on_sharded_dtensors(tmp_path):
     "FSDP2 shards: rank 1 holds an empty shard of two tensors; both ranks' scale is the whole tensors' scale"
-    import ast
-    from optim_lab.distributed import run_ranks
-    values = ast.literal_eval(run_ranks(__file__, 'worker', nproc=2, timeout=240).strip().splitlines()[-1])
+    values = rank_results(__file__, tmp_path)[0]   # rank 0's
     for got, eps in zip(values, (None, 1e-7, 0.5)):
         assert got == pytest.approx(step_size_reference(SHARD_VECTORS, eps or 0.0), rel=1e-15)
 
 
-if WORKER: _worker()
+if is_rank(__name__): serve_rank(_worker)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from optim_lab.optimizers.shampoo import Shampoo, shampoo_blocks
+from distributed_harness import is_rank, rank_results, serve_rank, shard_rows
 
 EXACT = dict(preconditioning_compute_steps=1, start_preconditioning_step=1, graft_type='none', block_size=None)
 
@@ -290,25 +291,12 @@ def _dist_run(name, shard=lambda t: t):
     return params
 
 
-def _dist_worker(out_dir):
-    from datetime import timedelta
-    from pathlib import Path
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-    from optim_lab.distributed import leave_process_group
-    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
-    mesh = init_device_mesh('cpu', (dist.get_world_size(),))
-    results = {name: [p.full_tensor() for p in _dist_run(name, lambda t: distribute_tensor(t, mesh, [Shard(0)]))]
-               for name in DIST_OPTS}
-    torch.save(results, Path(out_dir) / f'rank{dist.get_rank()}.pt')
-    leave_process_group()
+def _dist_worker(mesh, out_dir):
+    return {name: [p.full_tensor() for p in _dist_run(name, shard_rows(mesh))] for name in DIST_OPTS}
 
 
 def test_blocked_fsdp2_step_equals_one_process(tmp_path):
-    from optim_lab.distributed import run_ranks
-    run_ranks(__file__, tmp_path, nproc=2, timeout=240)
-    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
+    ranks = rank_results(__file__, tmp_path)
     for name in DIST_OPTS:
         one = _dist_run(name)
         assert max((p.detach() - q).abs().max().item() for p, q in zip(one, _dist_tensors(0))) > 1e-2   # it moved
@@ -317,6 +305,4 @@ def test_blocked_fsdp2_step_equals_one_process(tmp_path):
             assert dev < 1e-6, f'{name}: 2 ranks vs one process {dev:.2e}'
 
 
-if __name__ == '__main__':
-    import sys
-    _dist_worker(sys.argv[1])
+if is_rank(__name__): serve_rank(_dist_worker)

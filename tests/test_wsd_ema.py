@@ -6,9 +6,7 @@ step by step below; pytorch-optimizer 4.1 is compared only where it computes tha
 every cooldown with min_lr_ratio = 0). The EMA's reference is s <- decay*s + (1-decay)*p in float64.
 """
 from __future__ import annotations
-import io, math, os, sys
-from datetime import timedelta
-from pathlib import Path
+import io, math, os
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
@@ -17,6 +15,7 @@ import torch
 from torch import nn
 
 from optim_lab import EMA, get_wsd_schedule, get_wsd_scheduler_lambda
+from distributed_harness import is_rank, rank_results, serve_rank
 
 # fastai's own imports: torch.jit.script in its layers, a pandas option in fastai.tabular
 pytestmark = [pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning'),
@@ -297,15 +296,11 @@ def ema_run(model, rank=None):
     return ema
 
 
-def worker(out: str):
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+def worker(mesh, out_dir):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-    from optim_lab.distributed import full_tensor, leave_process_group
-    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
-    rank = dist.get_rank()
-    mesh = init_device_mesh('cpu', (dist.get_world_size(),))
+    from optim_lab.distributed import full_tensor
+    rank = mesh.get_rank()
     model = sharded_model()
     for layer in (model[0], model[2]): fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -316,16 +311,11 @@ def worker(out: str):
         inside = [full_tensor(p.detach()) for p in model.parameters()]
     after = [full_tensor(p.detach()) for p in model.parameters()]
     averages = [full_tensor(s) for s in ema.shadow]
-    if rank == 0:
-        torch.save(dict(averages=averages, inside=inside, before=before, after=after), out)
-    leave_process_group()
+    return dict(averages=averages, inside=inside, before=before, after=after)
 
 
 def test_ema_on_fsdp2_sharded_parameters(tmp_path):
-    from optim_lab.distributed import run_ranks
-    out = tmp_path / 'ema.pt'
-    run_ranks(Path(__file__), 'worker', out, timeout=240)
-    got = torch.load(out)
+    got = rank_results(__file__, tmp_path)[0]   # rank 0's
     reference = ema_run(sharded_model())
     for a, r in zip(got['averages'], reference.shadow):
         torch.testing.assert_close(a, r, rtol=0, atol=1e-6)   # gradients summed over 2 ranks: rounding only
@@ -333,5 +323,4 @@ def test_ema_on_fsdp2_sharded_parameters(tmp_path):
     assert all(torch.equal(b, a) for b, a in zip(got['before'], got['after']))
 
 
-if __name__ == '__main__' and sys.argv[1:2] == ['worker']:
-    worker(sys.argv[2])
+if is_rank(__name__): serve_rank(worker)
