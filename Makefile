@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 1
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: test lab bench-steps lab-campaign lab-quick lab-check install system-packages sync-check nbtest pytest export outputs clean docs readme
+.PHONY: test lab bench bench-steps lab-quick lab-check install system-packages sync-check nbtest pytest export outputs clean docs readme
 
 install: $(STAMP)
 
@@ -51,18 +51,20 @@ nbtest: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest tests -q -rs -n 2 --dist loadfile $(PYTEST_ARGS)
 
-## The main job: benchmark every registered optimizer; tables (md, csv) and plots (png) go to $(OUT)/.
+## The main job, the lab's tuned campaign (chapters 92-93): both suites, every optimizer and registered chain. Each run
+## is made once, into $(OUT)/runs.sqlite (committed), so after a change to one optimizer only its runs are made again;
+## then both leaderboards, the calibration table, the costs and the figures are written into $(OUT)/.
 lab: $(STAMP)
+	$(PY) -m optim_lab.lab --out $(OUT) --workers 2 $(LAB_ARGS)
+
+## The untuned benchmark of chapter 90 (a log grid of constant learning rates on the problem suite) into $(OUT)/.
+bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m optim_lab.benchmark --out $(OUT) $(LAB_ARGS)
 
 ## The step table alone (eager, compile=True, the peer, state bytes against the algorithm's minimum, the machine):
 ## into lab_results/steps/, shown by chapter 90; run it on a quiet machine.
 bench-steps: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m optim_lab.benchmark --steps --threads 2 --compile main --out $(OUT)/steps $(LAB_ARGS)
-
-## The lab's tuned campaign (chapter 92): both suites, every optimizer; each run is made once, into $(OUT)/runs.sqlite.
-lab-campaign: $(STAMP)
-	$(PY) -m optim_lab.lab --out $(OUT) --workers 2 $(LAB_ARGS)
 
 ## A smoke run of the campaign (a few minutes), and the honesty check: 5 random stored runs made again.
 lab-quick: $(STAMP)

@@ -28,7 +28,7 @@ __all__ = ['WORKLOADS', 'DEEP_LEARNING', 'TEST_FUNCTIONS', 'SCHEDULES', 'LR_FREE
            'signature_defaults', 'low_rank_groups', 'optimizer_factory', 'centre_lr', 'tunes_weight_decay',
            'trial_configs', 'fingerprint', 'source_of', 'workload_source', 'Store', 'task', 'run_task', 'execute',
            'edge_of', 'tune', 'targets', 'steps_to_target', 'time_to_target', 'profile_scores', 'bootstrap_scores',
-           'leaderboard', 'seed_noise', 'reproduce', 'write_report', 'main']
+           'leaderboard', 'seed_noise', 'is_current', 'reproduce', 'main']
 
 # %% ../nbs/92_lab.ipynb #83a83edf
 def seeded(build: Callable[[], nn.Module], seed: int | None) -> nn.Module:
@@ -330,6 +330,14 @@ class Store:
     def get(self, key: str) -> dict | None:
         with self._connect() as db: row = db.execute('SELECT result FROM runs WHERE key = ?', (key,)).fetchone()
         return json.loads(row[0]) if row else None
+    def get_many(self, tasks: list[dict]) -> list[dict | None]:
+        "Each task's stored result (None where the store has none), in one query"
+        keys = list({t['key'] for t in tasks})
+        with self._connect() as db:
+            db.execute('CREATE TEMP TABLE wanted (key TEXT PRIMARY KEY)')
+            db.executemany('INSERT INTO wanted VALUES (?)', [(k,) for k in keys])
+            found = dict(db.execute('SELECT runs.key, result FROM runs JOIN wanted ON runs.key = wanted.key'))
+        return [json.loads(found[t['key']]) if t['key'] in found else None for t in tasks]
     def put(self, task: dict, result: dict):
         with self._connect() as db:
             db.execute('INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?)', (task['key'], task['optimizer'],
@@ -341,12 +349,14 @@ class Store:
         with self._connect() as db: return db.execute('SELECT COUNT(*) FROM runs').fetchone()[0]
 
 # %% ../nbs/92_lab.ipynb #18175ebf
-def task(name: str, workload, config: dict, seed: int, protocol: Protocol, steps: int | None = None) -> dict:
-    "One run to make (`steps`: the workload's budget by default), with its store key"
+def task(name: str, workload, config: dict, seed: int, protocol: Protocol, steps: int | None = None,
+         code: tuple[str, str] | None = None) -> dict:
+    """One run to make (`steps`: the workload's budget by default), with its store key; `code`: the fingerprints
+    `(source_of(name), workload_source(workload))` when the caller has them already"""
     steps = steps or workload.steps
     t = dict(optimizer=name, workload=workload.name, config=config, seed=seed, steps=steps,
              eval_every=max(1, steps // protocol.eval_points))
-    return dict(t, key=fingerprint(t, source_of(name), workload_source(workload)))
+    return dict(t, key=fingerprint(t, *(code or (source_of(name), workload_source(workload)))))
 
 # %% ../nbs/92_lab.ipynb #bb3f0599
 def run_task(t: dict) -> dict:
@@ -365,7 +375,7 @@ def run_task(t: dict) -> dict:
 def execute(tasks: list[dict], store: Store, workers: int = 1, address: str | None = None, progress: bool = True) -> list[dict]:
     """Each task's result: from the store, or run (on `workers` local processes; on Ray when `address` is given,
     'local' starting a local cluster) and stored as it finishes. A progress bar shows runs done, left and the ETA."""
-    results = {t['key']: store.get(t['key']) for t in tasks}
+    results = {t['key']: r for t, r in zip(tasks, store.get_many(tasks))}
     todo = list({t['key']: t for t in tasks if results[t['key']] is None}.values())
     from tqdm.auto import tqdm
     bar = tqdm(total=len(todo), desc='runs', disable=not progress or not todo, unit='run')
@@ -402,24 +412,32 @@ def edge_of(name: str, workload, config: dict, protocol: Protocol) -> str:
     return 'low' if u < lo + 1 / 3 else 'high' if u > hi - 1 / 3 else ''
 
 def tune(names, workloads, protocol: Protocol = Protocol(), store: Store | None = None, workers: int = 1,
-         address: str | None = None, progress: bool = True, steps: int | None = None) -> list[dict]:
+         address: str | None = None, progress: bool = True, steps: int | None = None, run: bool = True) -> list[dict]:
     """Every optimizer tried with the same `protocol.trials` configurations on every workload, the best (lowest final
     metric) re-run with `protocol.seeds` seeds where the workload is stochastic: one row per (optimizer, workload).
-    `steps` overrides every workload's budget."""
+    `steps` overrides every workload's budget. With `run=False` nothing runs: the rows are what the store holds, and a
+    pair with a run missing (never made, or made by code that has changed since) has no row."""
     if store is None: store = Store(Path(tempfile.mkdtemp(prefix='lab_')) / 'runs.sqlite')
-    trials = {(n, w): [task(n, w, c, 0, protocol, steps) for c in trial_configs(n, w, protocol)] for n in names for w in workloads}
+    fetch = (lambda ts: execute(ts, store, workers, address, progress)) if run else store.get_many
+    sources, workload_sources = {n: source_of(n) for n in names}, {w.name: workload_source(w) for w in workloads}
+    code = lambda n, w: (sources[n], workload_sources[w.name])          # parsing sources is slow: once per name
+    trials = {(n, w): [task(n, w, c, 0, protocol, steps, code(n, w)) for c in trial_configs(n, w, protocol)]
+              for n in names for w in workloads}
     flat = [t for ts in trials.values() for t in ts]
-    found = dict(zip((t['key'] for t in flat), execute(flat, store, workers, address, progress)))
+    found = dict(zip((t['key'] for t in flat), fetch(flat)))
+    trials = {pair: ts for pair, ts in trials.items() if all(found[t['key']] for t in ts)}
     best = {pair: min(ts, key=lambda t: found[t['key']]['final']) for pair, ts in trials.items()}
-    seeds = {pair: [b] + [task(pair[0], pair[1], b['config'], s, protocol, steps) for s in range(1, protocol.seeds if pair[1].stochastic else 1)]
-             for pair, b in best.items()}
+    seeds = {(n, w): [b] + [task(n, w, b['config'], s, protocol, steps, code(n, w)) for s in range(1, protocol.seeds if w.stochastic else 1)]
+             for (n, w), b in best.items()}
     extra = [t for ts in seeds.values() for t in ts[1:]]
-    found.update(zip((t['key'] for t in extra), execute(extra, store, workers, address, progress)))
+    found.update(zip((t['key'] for t in extra), fetch(extra)))
     rows = []
     for (n, w), ts in seeds.items():
         runs = [found[t['key']] for t in ts]
+        if not all(runs): continue
+        tried = [dict(t['config'], final=found[t['key']]['final'], diverged=found[t['key']]['diverged']) for t in trials[(n, w)]]
         rows.append(dict(optimizer=n, workload=w.name, suite=getattr(w, 'suite', 'test functions'), config=ts[0]['config'],
-                         trials=len(trials[(n, w)]), diverged_trials=sum(found[t['key']]['diverged'] for t in trials[(n, w)]),
+                         trials=len(tried), diverged_trials=sum(t['diverged'] for t in tried), tried=tried,
                          edge=edge_of(n, w, ts[0]['config'], protocol), seeds=len(runs), finals=[r['final'] for r in runs],
                          curves=[r['evals'] for r in runs], cpu_per_step=float(np.median([r['cpu_per_step'] for r in runs]))))
     return rows
@@ -476,18 +494,19 @@ def bootstrap_scores(rows: list[dict], goal: dict, draws: int = 200, seed: int =
         for n, s in profile_scores(time_to_target(resampled, goal), key).items(): samples.setdefault(n, []).append(s)
     return {n: (float(np.percentile(s, 2.5)), float(np.percentile(s, 97.5))) for n, s in samples.items()}
 
-def leaderboard(rows: list[dict], suite: str, draws: int = 200) -> list[dict]:
-    """One suite's table, best first: the profile score on cost-adjusted time to target with its 95% interval; an
-    optimizer whose interval overlaps the one above it shares its rank"""
+def leaderboard(rows: list[dict], suite: str, draws: int = 200, key: str = 'cost_steps') -> list[dict]:
+    """One suite's table, best first: the profile score on time to target (`key`: cost-adjusted steps, or 'steps')
+    with its 95% interval; an optimizer whose interval reaches the interval of its rank's first optimizer shares that
+    rank (overlaps are not chained: A ties B and B ties C does not make A tie C)"""
     rows = [r for r in rows if r['suite'] == suite]
     goal = targets(rows)
     timed = time_to_target(rows, goal)
-    scores, intervals = profile_scores(timed), bootstrap_scores(rows, goal, draws)
+    scores, intervals = profile_scores(timed, key), bootstrap_scores(rows, goal, draws, key=key)
     step_scores = profile_scores(timed, key='steps')
-    board, rank = [], 0
+    board, rank, first_lo = [], 0, math.inf
     for i, n in enumerate(sorted(scores, key=lambda n: -scores[n])):
         lo, hi = intervals[n]
-        if not board or hi < board[-1]['lo']: rank = i + 1
+        if not board or hi < first_lo: rank, first_lo = i + 1, lo
         reached = sum(math.isfinite(r['steps']) for r in timed if r['optimizer'] == n)
         board.append(dict(rank=rank, optimizer=n, score=scores[n], lo=lo, hi=hi, score_in_steps=step_scores[n], reached=reached,
                           **{r['workload']: float(np.median(r['finals'])) for r in timed if r['optimizer'] == n}))
@@ -505,9 +524,20 @@ def seed_noise(rows: list[dict]) -> list[dict]:
                         separation=float((q75 - q25) / noise) if noise > 0 else math.inf))
     return out
 
+def is_current(t: dict, sources: dict | None = None) -> bool:
+    "Whether stored task `t` was made by the code as it is now (its key is what `task` would give it today)"
+    sources = {} if sources is None else sources
+    if t['optimizer'] not in sources:
+        try: sources[t['optimizer']] = source_of(t['optimizer'])
+        except ValueError: sources[t['optimizer']] = None                  # no longer registered
+    if t['workload'] not in sources: sources[t['workload']] = workload_source(workload_named(t['workload']))
+    if sources[t['optimizer']] is None: return False
+    return t['key'] == fingerprint({k: v for k, v in t.items() if k != 'key'}, sources[t['optimizer']], sources[t['workload']])
+
 def reproduce(store: Store, k: int = 5, seed: int = 0) -> list[dict]:
-    "`k` random stored runs made again: the stored and the new final metric of each"
-    stored = store.tasks()
+    "`k` random stored runs, among those the current code made, made again: the stored and the new final metric of each"
+    sources: dict = {}
+    stored = [t for t in store.tasks() if is_current(t, sources)]
     picks = np.random.default_rng(seed).choice(len(stored), size=min(k, len(stored)), replace=False)
     return [dict(task=stored[i], stored=store.get(stored[i]['key'])['final'], again=run_task(stored[i])['final'])
             for i in picks]
@@ -515,20 +545,6 @@ def reproduce(store: Store, k: int = 5, seed: int = 0) -> list[dict]:
 # %% ../nbs/92_lab.ipynb #6c816e63
 QUICK_WORKLOADS = ('tabular_mlp', 'digits_autoencoder', 'heavy_tailed_regression', 'rosenbrock', 'ill_conditioned_quadratic')
 QUICK_OPTIMIZERS = ('Adam', 'Lion', 'RAdam', 'Muon')   # with the baselines: the smoke run's optimizers
-
-def write_report(out: Path, rows: list[dict]) -> list[Path]:
-    "Each suite's leaderboard and the seed noise, as markdown and CSV, in `out`"
-    from optim_lab.benchmark import markdown_table, write_csv
-    paths = []
-    for name in ('deep learning', 'test functions'):
-        mine = [r for r in rows if r['suite'] == name]
-        if not mine: continue
-        board, stem = leaderboard(mine, name), name.replace(' ', '_')
-        write_csv(board, out / f'leaderboard_{stem}.csv')
-        text = f"# {name.capitalize()}\n\n" + markdown_table(board) + "\n\n## Seed noise\n\n" + markdown_table(seed_noise(mine)) + "\n"
-        (out / f'leaderboard_{stem}.md').write_text(text)
-        paths += [out / f'leaderboard_{stem}.csv', out / f'leaderboard_{stem}.md']
-    return paths
 
 def main(argv=None):
     "Command line: python -m optim_lab.lab [--out DIR] [--suite ...] [--only NAME ...] [--quick] [--workers N] [--address A] [--check K]"
@@ -560,7 +576,12 @@ def main(argv=None):
     protocol = Protocol(trials=4, seeds=2) if args.quick else Protocol()
     rows = tune(names, suite(chosen), protocol, store, workers=args.workers, address=args.address, progress=args.progress,
                 steps=args.steps or (60 if args.quick else None))
+    from optim_lab.lab_report import write_report      # chapter 93: the leaderboards, calibration, costs and figures
     for path in write_report(out, rows): print('wrote', path)
 
 # %% ../nbs/92_lab.ipynb #ce31e297
-if __name__ == '__main__' and '__file__' in globals(): main()  # `python -m optim_lab.lab`, not a notebook
+# `python -m optim_lab.lab` (not a notebook). Run through the imported module: as `__main__`, the workloads' classes
+# would not be `optim_lab.lab`'s, and their fingerprints, hence every store key, would differ from an import's.
+if __name__ == '__main__' and '__file__' in globals():
+    from optim_lab.lab import main as _main
+    _main()

@@ -1,4 +1,4 @@
-"""The benchmark's `--quick` run end to end (what `make lab` does, in miniature), checked against its own raw data
+"""The benchmark's `--quick` run end to end (what `make bench` does, in miniature), checked against its own raw data
 recomputed independently: the tuned lr is the sweep's best, the edge flags match the sweep, the profile scores
 match the exact area under a step-function profile, and the README summary renders from the results folder. The
 step-time table's state column against each algorithm's minimum, and its `--steps` command."""

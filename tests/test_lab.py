@@ -122,3 +122,51 @@ def test_low_rank_optimizers_run_projected():
         opt = optimizer_factory(name, dict(lr=1e-3, weight_decay=0.0), 10)(ps)
         assert sorted(g.get('rank') or 0 for g in opt.param_groups) == [0, 1, 2]
     assert len(optimizer_factory('AdamW', dict(lr=1e-3), 10)(ps).param_groups) == 1
+
+
+def test_rows_from_the_store_alone(tmp_path):
+    "`tune(run=False)` makes no run: a pair with a run missing from the store has no row, the others come back unchanged"
+    store, protocol = lab.Store(tmp_path / 'runs.sqlite'), lab.Protocol(trials=2, seeds=2)
+    workloads = lab.suite(('rosenbrock', 'tabular_mlp'))
+    made = lab.tune(['AdamW', 'Lion'], workloads, protocol, store, progress=False, steps=6)
+    assert len(made) == 4 and len(store) == 2 * (2 + 2 + 1)     # rosenbrock is deterministic: no extra seed
+    tasks = store.tasks()
+    assert store.get_many(tasks) == [store.get(t['key']) for t in tasks]
+    assert all(lab.is_current(t) for t in tasks) and not lab.is_current(dict(tasks[0], seed=7))   # a key that no code gives
+    lion_lm = next(t for t in tasks if t['optimizer'] == 'Lion' and t['workload'] == 'tabular_mlp' and t['seed'] == 1)
+    with store._connect() as db: db.execute('DELETE FROM runs WHERE key = ?', (lion_lm['key'],))
+    held = lab.tune(['AdamW', 'Lion'], workloads, protocol, store, progress=False, steps=6, run=False)
+    assert len(store) == 9                                       # nothing was run again
+    assert {(r['optimizer'], r['workload']) for r in held} == {('AdamW', 'rosenbrock'), ('AdamW', 'tabular_mlp'), ('Lion', 'rosenbrock')}
+    assert [r['finals'] for r in held] == [r['finals'] for r in made if (r['optimizer'], r['workload']) != ('Lion', 'tabular_mlp')]
+
+
+def _row(name, workload, finals, lr=1e-3):
+    curves = [[(0, 9.0), (50, f + 1.0), (100, f)] for f in finals]
+    return dict(optimizer=name, workload=workload, finals=finals, curves=curves, config=dict(lr=lr))
+
+
+def test_calibration_verdicts_by_hand():
+    "The measuring rules on rows whose answer is known: a large gap agrees, a gap inside the seed noise does not"
+    from optim_lab import lab_report as rep
+    far = {('AdamW', 'char_lm'): _row('AdamW', 'char_lm', [2.0, 2.01, 2.02]),
+           ('SGDNesterov', 'char_lm'): _row('SGDNesterov', 'char_lm', [2.6, 2.61, 2.62])}
+    assert rep.adam_beats_sgd(far)[1] == 'agrees'
+    near = {**far, ('SGDNesterov', 'char_lm'): _row('SGDNesterov', 'char_lm', [2.005, 2.015, 2.025])}
+    assert rep.adam_beats_sgd(near)[1] == 'disagrees'
+    # Muon's curve goes 9 -> 2.0 at step 50 -> 1.0 at 100: it passes AdamW's final (2.01) at step 50 of 100
+    muon = {**far, ('Muon', 'char_lm'): _row('Muon', 'char_lm', [1.0, 1.0, 1.0])}
+    text, verdict = rep.fewer_steps_than_adamw('Muon', 0.75)(muon)
+    assert verdict == 'agrees' and 'step 50 of 100' in text
+    lion = {(n, w): _row(n, w, [1.0], lr=lr) for w in rep.DEEP_LEARNING for n, lr in (('AdamW', 1e-3), ('Lion', 2e-4))}
+    assert rep.lion_lr(lion)[1] == 'agrees' and 'median 5.0' in rep.lion_lr(lion)[0]
+    assert rep.calibration([])[0]['verdict'] == 'n/a'
+
+
+def test_the_command_line_keys_runs_as_an_import_does(tmp_path):
+    "Runs made by `python -m optim_lab.lab` are found by `tune` in a notebook: both compute the same store keys"
+    import subprocess, sys
+    subprocess.run([sys.executable, '-m', 'optim_lab.lab', '--out', str(tmp_path), '--only', 'Adam', '--workloads', 'tabular_mlp',
+                    'rosenbrock', '--quick', '--steps', '4'], check=True, capture_output=True)
+    tasks = lab.Store(tmp_path / 'runs.sqlite').tasks()
+    assert {t['workload'] for t in tasks} == {'tabular_mlp', 'rosenbrock'} and all(lab.is_current(t) for t in tasks)
