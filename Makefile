@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 1
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: test lab bench bench-steps lab-quick lab-check install system-packages sync-check nbtest pytest export outputs clean docs readme
+.PHONY: test lab bench bench-steps lab-quick lab-ray lab-check install system-packages sync-check nbtest pytest export outputs clean docs readme
 
 install: $(STAMP)
 
@@ -69,6 +69,11 @@ bench-steps: $(STAMP)
 ## A smoke run of the campaign (a few minutes), and the honesty check: 5 random stored runs made again.
 lab-quick: $(STAMP)
 	$(PY) -m optim_lab.lab --out $(OUT)/quick --quick --workers 2 $(LAB_ARGS)
+
+## The smoke run on a local Ray cluster (ray is not a test requirement: installed here, pinned)
+lab-ray: $(STAMP)
+	$(PY) -m pip install -q ray==2.60.0
+	$(PY) -m optim_lab.lab --out $(OUT)/quick-ray --quick --address local $(LAB_ARGS)
 
 lab-check: $(STAMP)
 	$(PY) -m optim_lab.lab --out $(OUT) --check 5

@@ -27,8 +27,8 @@ __all__ = ['WORKLOADS', 'DEEP_LEARNING', 'TEST_FUNCTIONS', 'SCHEDULES', 'LR_FREE
            'warmup_cosine', 'constant', 'Protocol', 'how_to_run', 'nadamw', 'sgd_nesterov', 'resolve',
            'signature_defaults', 'low_rank_groups', 'optimizer_factory', 'centre_lr', 'tunes_weight_decay',
            'trial_configs', 'fingerprint', 'source_of', 'workload_source', 'Store', 'task', 'run_task', 'execute',
-           'edge_of', 'tune', 'targets', 'steps_to_target', 'time_to_target', 'profile_scores', 'bootstrap_scores',
-           'leaderboard', 'seed_noise', 'is_current', 'reproduce', 'main']
+           'edge_of', 'extension_configs', 'reach_of', 'tune', 'targets', 'steps_to_target', 'time_to_target',
+           'profile_scores', 'bootstrap_scores', 'leaderboard', 'seed_noise', 'is_current', 'reproduce', 'main']
 
 # %% ../nbs/92_lab.ipynb #83a83edf
 def seeded(build: Callable[[], nn.Module], seed: int | None) -> nn.Module:
@@ -217,6 +217,7 @@ class Protocol:
     warmup: float = 0.05
     eval_points: int = 20             # checkpoints of the validation metric along each run
     sampler_seed: int = 0
+    extend: int = 3                   # trials past an edge: a third of a decade apart beyond the bound the best lr is near
 
 def how_to_run(name: str, protocol: Protocol) -> dict:
     "What is tuned and which schedule runs for optimizer `name` under `protocol`"
@@ -404,17 +405,32 @@ def _execute_on_ray(todo, done, address: str):
         for ref in ready: done(pending.pop(ref), ray.get(ref))
 
 # %% ../nbs/92_lab.ipynb #91d1be39
-def edge_of(name: str, workload, config: dict, protocol: Protocol) -> str:
-    "'low' or 'high' when the best lr lies within a third of a decade of the search's bound: the range may be too narrow"
+def edge_of(name: str, workload, config: dict, protocol: Protocol, reach: tuple = (0.0, 0.0)) -> str:
+    """'low' or 'high' when the best lr lies within a third of a decade of the search's bound (`reach`: the decades the
+    search was extended by below and above `protocol.lr_decades`): the range may be too narrow"""
     if not how_to_run(name, protocol)['tune_lr']: return ''
     u = math.log10(config['lr'] / centre_lr(name, workload))
-    lo, hi = protocol.lr_decades
+    lo, hi = protocol.lr_decades[0] - reach[0], protocol.lr_decades[1] + reach[1]
     return 'low' if u < lo + 1 / 3 else 'high' if u > hi - 1 / 3 else ''
+
+def extension_configs(name: str, workload, config: dict, protocol: Protocol) -> list[dict]:
+    "Past an edge: `protocol.extend` configurations beyond the bound the best `config` is near, a third of a decade apart"
+    edge = edge_of(name, workload, config, protocol)
+    if not edge: return []
+    sign, bound = (1, protocol.lr_decades[1]) if edge == 'high' else (-1, protocol.lr_decades[0])
+    return [dict(config, lr=centre_lr(name, workload) * 10 ** (bound + sign * j / 3)) for j in range(1, protocol.extend + 1)]
+
+def reach_of(extended: list[dict], protocol: Protocol, name: str, workload) -> tuple:
+    "The decades an extension added below and above the search's range"
+    if not extended: return (0.0, 0.0)
+    up = extended[0]['config']['lr'] > centre_lr(name, workload) * 10 ** protocol.lr_decades[1]
+    return (0.0, protocol.extend / 3) if up else (protocol.extend / 3, 0.0)
 
 def tune(names, workloads, protocol: Protocol = Protocol(), store: Store | None = None, workers: int = 1,
          address: str | None = None, progress: bool = True, steps: int | None = None, run: bool = True) -> list[dict]:
-    """Every optimizer tried with the same `protocol.trials` configurations on every workload, the best (lowest final
-    metric) re-run with `protocol.seeds` seeds where the workload is stochastic: one row per (optimizer, workload).
+    """Every optimizer tried with the same `protocol.trials` configurations on every workload, and `protocol.extend`
+    more past the bound its best lr lies near; the best (lowest final metric) re-run with `protocol.seeds` seeds where
+    the workload is stochastic: one row per (optimizer, workload).
     `steps` overrides every workload's budget. With `run=False` nothing runs: the rows are what the store holds, and a
     pair with a run missing (never made, or made by code that has changed since) has no row."""
     if store is None: store = Store(Path(tempfile.mkdtemp(prefix='lab_')) / 'runs.sqlite')
@@ -427,6 +443,12 @@ def tune(names, workloads, protocol: Protocol = Protocol(), store: Store | None 
     found = dict(zip((t['key'] for t in flat), fetch(flat)))
     trials = {pair: ts for pair, ts in trials.items() if all(found[t['key']] for t in ts)}
     best = {pair: min(ts, key=lambda t: found[t['key']]['final']) for pair, ts in trials.items()}
+    beyond = {(n, w): [task(n, w, c, 0, protocol, steps, code(n, w)) for c in extension_configs(n, w, b['config'], protocol)]
+              for (n, w), b in best.items()}
+    flat = [t for ts in beyond.values() for t in ts]
+    found.update(zip((t['key'] for t in flat), fetch(flat)))
+    trials = {pair: ts + beyond[pair] for pair, ts in trials.items() if all(found[t['key']] for t in beyond[pair])}
+    best = {pair: min(ts, key=lambda t: found[t['key']]['final']) for pair, ts in trials.items()}
     seeds = {(n, w): [b] + [task(n, w, b['config'], s, protocol, steps, code(n, w)) for s in range(1, protocol.seeds if w.stochastic else 1)]
              for (n, w), b in best.items()}
     extra = [t for ts in seeds.values() for t in ts[1:]]
@@ -438,7 +460,8 @@ def tune(names, workloads, protocol: Protocol = Protocol(), store: Store | None 
         tried = [dict(t['config'], final=found[t['key']]['final'], diverged=found[t['key']]['diverged']) for t in trials[(n, w)]]
         rows.append(dict(optimizer=n, workload=w.name, suite=getattr(w, 'suite', 'test functions'), config=ts[0]['config'],
                          trials=len(tried), diverged_trials=sum(t['diverged'] for t in tried), tried=tried,
-                         edge=edge_of(n, w, ts[0]['config'], protocol), seeds=len(runs), finals=[r['final'] for r in runs],
+                         extended=len(beyond[(n, w)]), edge=edge_of(n, w, ts[0]['config'], protocol, reach_of(beyond[(n, w)], protocol, n, w)),
+                         seeds=len(runs), finals=[r['final'] for r in runs],
                          curves=[r['evals'] for r in runs], cpu_per_step=float(np.median([r['cpu_per_step'] for r in runs]))))
     return rows
 

@@ -126,7 +126,7 @@ def test_low_rank_optimizers_run_projected():
 
 def test_rows_from_the_store_alone(tmp_path):
     "`tune(run=False)` makes no run: a pair with a run missing from the store has no row, the others come back unchanged"
-    store, protocol = lab.Store(tmp_path / 'runs.sqlite'), lab.Protocol(trials=2, seeds=2)
+    store, protocol = lab.Store(tmp_path / 'runs.sqlite'), lab.Protocol(trials=2, seeds=2, extend=0)
     workloads = lab.suite(('rosenbrock', 'tabular_mlp'))
     made = lab.tune(['AdamW', 'Lion'], workloads, protocol, store, progress=False, steps=6)
     assert len(made) == 4 and len(store) == 2 * (2 + 2 + 1)     # rosenbrock is deterministic: no extra seed
@@ -170,3 +170,16 @@ def test_the_command_line_keys_runs_as_an_import_does(tmp_path):
                     'rosenbrock', '--quick', '--steps', '4'], check=True, capture_output=True)
     tasks = lab.Store(tmp_path / 'runs.sqlite').tasks()
     assert {t['workload'] for t in tasks} == {'tabular_mlp', 'rosenbrock'} and all(lab.is_current(t) for t in tasks)
+
+
+def test_a_best_lr_at_the_edge_is_searched_past_it(tmp_path):
+    """SGD on Rosenbrock in 6 steps: its two larger trial lrs diverge and the best lies at the bottom edge of the search,
+    so 3 more trials go 1/3, 2/3 and 1 decade below the bottom; none is better, and the best is no longer at an edge"""
+    protocol, w = lab.Protocol(trials=3, seeds=1), lab.workload_named('rosenbrock')
+    [row] = lab.tune(['SGD'], [w], protocol, lab.Store(tmp_path / 'runs.sqlite'), progress=False, steps=6)
+    bottom = lab.centre_lr('SGD', w) * 10 ** protocol.lr_decades[0]
+    first = [c['lr'] for c in lab.trial_configs('SGD', w, protocol)]
+    assert lab.edge_of('SGD', w, dict(lr=min(first)), protocol) == 'low'
+    assert row['extended'] == 3 and row['trials'] == 6
+    assert [t['lr'] for t in row['tried'][3:]] == pytest.approx([bottom / 10 ** (j / 3) for j in (1, 2, 3)], rel=1e-12)
+    assert row['config']['lr'] == min(first) and row['edge'] == ''
