@@ -28,7 +28,8 @@ __all__ = ['WORKLOADS', 'DEEP_LEARNING', 'TEST_FUNCTIONS', 'SCHEDULES', 'LR_FREE
            'signature_defaults', 'low_rank_groups', 'optimizer_factory', 'centre_lr', 'tunes_weight_decay',
            'trial_configs', 'fingerprint', 'source_of', 'workload_source', 'Store', 'task', 'run_task', 'execute',
            'edge_of', 'extension_configs', 'reach_of', 'tune', 'targets', 'steps_to_target', 'time_to_target',
-           'profile_scores', 'bootstrap_scores', 'leaderboard', 'seed_noise', 'is_current', 'reproduce', 'main']
+           'profile_ratios', 'performance_profile', 'profile_scores', 'bootstrap_scores', 'leaderboard', 'seed_noise',
+           'is_current', 'reproduce', 'main']
 
 # %% ../nbs/92_lab.ipynb #83a83edf
 def seeded(build: Callable[[], nn.Module], seed: int | None) -> nn.Module:
@@ -494,17 +495,24 @@ def time_to_target(rows: list[dict], goal: dict, baseline: str = 'AdamW', pick=n
 # %% ../nbs/92_lab.ipynb #1022233b
 TAU_MAX = 8.0
 
-def profile_scores(rows: list[dict], key: str = 'cost_steps', tau_max: float = TAU_MAX, points: int = 64) -> dict:
-    """Each optimizer's performance-profile area (Dolan & Moré 2002) over the rows' workloads: the mean over log-spaced
-    τ in [1, tau_max] of the fraction of workloads on which its `key` is within τ of the best; 1 is best everywhere"""
+def profile_ratios(rows: list[dict], key: str = 'cost_steps') -> dict:
+    "Per (optimizer, workload): its `key` over the best optimizer's on that workload (1 where both are 0; inf if never reached)"
     best = {}
     for r in rows: best[r['workload']] = min(best.get(r['workload'], math.inf), r[key])
-    taus = np.geomspace(1, tau_max, points)
+    return {(r['optimizer'], r['workload']): r[key] / best[r['workload']] if math.isfinite(r[key]) and best[r['workload']] > 0
+            else 1.0 if r[key] == 0 else math.inf for r in rows}
+
+def performance_profile(rows: list[dict], key: str = 'cost_steps', tau_max: float = TAU_MAX, points: int = 64) -> tuple:
+    """τ log-spaced in [1, tau_max], and each optimizer's ρ(τ) (Dolan & Moré 2002): the fraction of the workloads on
+    which its `key` is within τ of the best"""
     by_opt: dict = {}
-    for r in rows:
-        ratio = r[key] / best[r['workload']] if math.isfinite(r[key]) and best[r['workload']] > 0 else 1.0 if r[key] == 0 else math.inf
-        by_opt.setdefault(r['optimizer'], []).append(ratio)
-    return {n: float(np.mean([np.mean([x <= tau for x in ratios]) for tau in taus])) for n, ratios in by_opt.items()}
+    for (n, _), ratio in profile_ratios(rows, key).items(): by_opt.setdefault(n, []).append(ratio)
+    taus = np.geomspace(1, tau_max, points)
+    return taus, {n: np.array([np.mean([x <= tau for x in ratios]) for tau in taus]) for n, ratios in by_opt.items()}
+
+def profile_scores(rows: list[dict], key: str = 'cost_steps', tau_max: float = TAU_MAX, points: int = 64) -> dict:
+    "Each optimizer's performance-profile area: the mean of its ρ(τ) over τ; 1 is best everywhere, 0 never within `tau_max`"
+    return {n: float(np.mean(rho)) for n, rho in performance_profile(rows, key, tau_max, points)[1].items()}
 
 # %% ../nbs/92_lab.ipynb #3c47aa0d
 def bootstrap_scores(rows: list[dict], goal: dict, draws: int = 200, seed: int = 0, key: str = 'cost_steps') -> dict:
