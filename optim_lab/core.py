@@ -142,9 +142,10 @@ TORCH_ONLY_KWARGS = dict(  # torch.optim keywords a user's existing call may pas
 
 class _Group(dict):
     "A param group that validates a hyperparameter when it is written (`group['lr'] = ...`, fastai's `set_hyper`)"
-    owner, constraints = 'optimizer', {}
+    owner, constraints, combination = 'optimizer', {}, None
     def __setitem__(self, k, v):
         if k in self.constraints: check_hypers(self.owner, {k: v}, {k: self.constraints[k]})
+        if self.combination is not None: self.combination({**self, k: v})
         super().__setitem__(k, v)
     def update(self, *args, **kw):
         for k, v in dict(*args, **kw).items(): self[k] = v
@@ -183,6 +184,7 @@ class LabOptimizer(torch.optim.Optimizer):
                 if v: raise ValueError(f"{name}: {k}={v!r} is not supported: {TORCH_ONLY_KWARGS[k]}")
             else: raise TypeError(f"{name}() got an unexpected keyword argument {k!r}")
         check_hypers(name, defaults, self.all_constraints())
+        self.check_combination(defaults)
         if compile and self.compile_refusal: raise ValueError(f"{name} cannot use compile=True: {self.compile_refusal}")
         self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
         self.compile = compile
@@ -194,16 +196,21 @@ class LabOptimizer(torch.optim.Optimizer):
     @classmethod
     def all_constraints(cls) -> dict: return {**cls.base_constraints, **cls.constraints}
 
+    @classmethod
+    def check_combination(cls, hypers: dict):
+        "Raise `ValueError` for values that are each in range but cannot run together (override; checked wherever `constraints` are)"
+
     def add_param_group(self, param_group: dict):
         "Validate the group's hyperparameters (merged with the defaults) before adding it"
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != 'params'}}
         check_hypers(type(self).__name__, merged, self.all_constraints())
+        self.check_combination(merged)
         super().add_param_group(param_group)
         self.param_groups[-1] = self._checked(self.param_groups[-1])
 
     def _checked(self, group: dict) -> _Group:
         g = _Group()
-        g.owner, g.constraints = type(self).__name__, self.all_constraints()
+        g.owner, g.constraints, g.combination = type(self).__name__, self.all_constraints(), self.check_combination
         dict.update(g, group)
         return g
 
@@ -236,6 +243,7 @@ def _check_groups(opt: LabOptimizer):
     for i, group in enumerate(opt.param_groups):
         if type(group) is not _Group:
             check_hypers(type(opt).__name__, group, opt.all_constraints())
+            opt.check_combination(group)
             opt.param_groups[i] = opt._checked(group)
 
 @torch.no_grad()

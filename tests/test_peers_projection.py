@@ -196,9 +196,9 @@ def _shampoo_reference(theta, grad_fn, lr, momentum, K, eps, max_dim):
     return iterates
 
 
-@pytest.mark.parametrize('hypers', [dict(K=3, momentum=0.0, max_dim=1024), dict(K=4, momentum=0.5, max_dim=4)], ids=str)
-def test_shampoo_schedule_and_diagonal_against_float64(hypers):
-    "K > 1 (the peer computes the roots on steps K, 2K, ... and steps with zero roots before) and diagonal dims: float64"
+@pytest.mark.parametrize('hypers', [dict(K=1, momentum=0.0, max_dim=1024), dict(K=1, momentum=0.5, max_dim=4)], ids=str)
+def test_shampoo_momentum_and_diagonal_against_float64(hypers):
+    "The paper's rule with the peer's momentum, and diagonal dims: float64 (K > 1 needs a graft: tests/test_shampoo_practical.py)"
     for i, shape in enumerate([(7,), (4, 5), (3, 2, 5)]):
         theta0, grad_fn = noisy_quadratic(shape, STEPS, seed=i)
         ours = run_optimizer(lambda ps: Shampoo(ps, lr=1e-2, momentum=hypers['momentum'], matrix_eps=0.1, graft_type='none',

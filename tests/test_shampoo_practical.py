@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from optim_lab.optimizers.shampoo import Shampoo, shampoo_blocks
+from optim_lab.optimizers.shampoo import Shampoo, shampoo_blocks, shampoo_update
 from distributed_harness import is_rank, rank_results, serve_rank, shard_rows
 
 EXACT = dict(preconditioning_compute_steps=1, start_preconditioning_step=1, graft_type='none', block_size=None)
@@ -70,8 +70,8 @@ def _gradients(shape, steps, seed):
     return [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(steps)]
 
 
-@pytest.mark.parametrize('graft_type', ['adagrad', 'sgd', 'none'])
-@pytest.mark.parametrize('start,K', [(1, 1), (5, 3)])
+@pytest.mark.parametrize('graft_type,start,K', [('adagrad', 1, 1), ('sgd', 1, 1), ('none', 1, 1),
+                                                 ('adagrad', 5, 3), ('sgd', 5, 3), ('none', 5, 1)])
 @pytest.mark.parametrize('shape', [(6,), (4, 6), (6, 3)], ids=str)
 def test_grafted_shampoo_against_float64_transcription(graft_type, start, K, shape):
     # a tiny matrix_eps: the roots are those of the statistics themselves. With K = 1 and full-rank statistics after a
@@ -85,6 +85,21 @@ def test_grafted_shampoo_against_float64_transcription(graft_type, start, K, sha
                      preconditioning_compute_steps=K, matrix_eps=eps, block_size=None)
     ref = _transcription(theta0, grads, 1e-2, graft_type, start, K, eps)
     assert max((a - b).abs().max().item() for a, b in zip(ours, ref)) < 1e-9
+
+
+def test_reused_roots_without_a_graft_are_refused():
+    "The paper's rule reuses no root: with K > 1 a root from a rank-deficient statistic scales unseen directions by eps^(-1/2k)"
+    w = torch.ones(7, requires_grad=True)
+    with pytest.raises(ValueError, match="preconditioning_compute_steps=10 with graft_type='none'"):
+        Shampoo([w], graft_type='none', preconditioning_compute_steps=10)
+    with pytest.raises(ValueError, match="graft_type='none'"):      # the default K is 20
+        Shampoo([w], graft_type='none')
+    opt = Shampoo([w], graft_type='none', preconditioning_compute_steps=1)
+    with pytest.raises(ValueError, match="graft_type='none'"):
+        opt.param_groups[0]['preconditioning_compute_steps'] = 2
+    with pytest.raises(ValueError, match="graft_type='none'"):
+        opt.add_param_group(dict(params=[torch.ones(2, requires_grad=True)], preconditioning_compute_steps=5))
+    assert opt.param_groups[0]['preconditioning_compute_steps'] == 1 and len(opt.param_groups) == 1
 
 
 @pytest.mark.parametrize('shape', [(7,), (7, 3)], ids=str)
@@ -159,8 +174,13 @@ def test_no_divergence_on_a_quadratic(hypers):
 
 
 def test_the_papers_rule_diverges_there():
-    "The same problem with the paper's rule: the rank-1 root reused for 10 steps amplifies rounding ~10x a step"
-    ms = _plain_quadratic(10, **{**EXACT, 'preconditioning_compute_steps': 10})
+    "Why the class refuses it: the same problem stepped by shampoo_update with no graft amplifies rounding ~10x a step"
+    w = torch.randn(7, generator=torch.Generator().manual_seed(0))
+    H, P, U = [1e-4 * torch.eye(7)], [torch.zeros(7, 7)], torch.zeros(7)
+    ms = [w.square().mean().item()]
+    for t in range(1, 11):
+        w = w - 0.1 * shampoo_update(w.clone(), U, [H], [P], step=t, momentum=0.0, matrix_eps=1e-4, preconditioning_compute_steps=10)
+        ms.append(w.square().mean().item())
     assert max(ms) > 100 * ms[0]
 
 

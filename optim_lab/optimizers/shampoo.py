@@ -22,7 +22,11 @@ __all__ = ['matrix_inverse_root', 'graft_direction', 'shampoo_blocks', 'precondi
 # %% ../../nbs/28_shampoo.ipynb #797ad055
 def matrix_inverse_root(matrix: Tensor, root: int, eps: float) -> Tensor:
     "matrix^(-1/root) of a symmetric positive semi-definite matrix, in float64, eigenvalues floored at `eps`"
-    values, vectors = torch.linalg.eigh(matrix.double())
+    try: values, vectors = torch.linalg.eigh(matrix.double())
+    except torch.linalg.LinAlgError as e:   # nan or inf in the statistic: say so, rather than LAPACK's error code
+        if torch.isfinite(matrix).all(): raise
+        raise FloatingPointError(f"a {tuple(matrix.shape)} statistic holds inf or nan, so it has no inverse root: the "
+                                 "gradients or the weights overflowed (lower lr, or pass skip_nonfinite=True)") from e
     values = values.clamp_min(eps).pow_(-1 / root)
     return ((vectors * values) @ vectors.T).to(matrix.dtype)
 
@@ -100,7 +104,7 @@ class Shampoo(LabOptimizer):
                  preconditioning_compute_steps: int = 20,# K: recompute the inverse roots on steps s, s+K, s+2K, ...
                  matrix_eps: float = 1e-6,               # ε: H^i starts at εI; eigenvalues are floored at ε
                  max_precond_dim: int = 8192,            # larger dimensions get diagonal statistics
-                 graft_type: str = 'adagrad',            # the step's norm: 'adagrad', 'sgd' or 'none' (the paper's rule)
+                 graft_type: str = 'adagrad',            # the step's norm: 'adagrad', 'sgd' or 'none' (the paper's rule: K = 1)
                  start_preconditioning_step: int = 20,   # s: the grafted step alone before step s
                  diagonal_eps: float = 1e-10,            # AdaGrad graft: g / (√Σg² + diagonal_eps)
                  block_size: int | None = 512,           # dimensions above this are cut into blocks, each with its own factors
@@ -111,6 +115,15 @@ class Shampoo(LabOptimizer):
                                       matrix_eps=matrix_eps, max_precond_dim=max_precond_dim, graft_type=graft_type,
                                       start_preconditioning_step=start_preconditioning_step, diagonal_eps=diagonal_eps,
                                       block_size=block_size, maximize=maximize), **kwargs)
+
+    @classmethod
+    def check_combination(cls, hypers: dict):
+        "The paper's rule (no graft) recomputes its roots every step: a root reused from a young, rank-deficient statistic diverges"
+        K = hypers.get('preconditioning_compute_steps', 1)
+        if hypers.get('graft_type') == 'none' and K != 1:
+            raise ValueError(f"{cls.__name__}: preconditioning_compute_steps={K!r} with graft_type='none' is outside the allowed "
+                             "range: 1 (a root reused from a rank-deficient statistic scales the directions it has not seen by "
+                             "matrix_eps^(-1/2k), which diverges on a quadratic); reuse roots with graft_type='adagrad' or 'sgd'")
 
     @staticmethod
     def _blocks(p, group): return shampoo_blocks(p.shape, group['max_precond_dim'], group['block_size'])
