@@ -217,3 +217,29 @@ def test_update_rule_is_the_reparametrised_clip():
                                              eps=epsilon / gamma)
         assert ((paper - ours).abs() / eta).max() < 1e-14
         assert 0.05 < (paper.abs() == eta).double().mean() < 0.95          # both branches
+
+
+@pytest.mark.parametrize('hypers', [dict(), dict(update_period=3, num_samples=2, hessian_distribution='rademacher', maximize=True)],
+                         ids=str)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64], ids=str)
+def test_zero_gradients_leave_weights_bit_identical(dtype, hypers):
+    """loss = 0·f(w) with create_graph: 12 steps (estimate steps 1 and 11 at update_period=10; 1, 4, 7, 10 at 3) on a
+    vector, a matrix, a 4-d kernel and a scalar leave the weights bit-identical: m = 0, ĥ = Hz·z = 0, h = 0, and
+    0 / max(0, eps) = 0. The private generator moving on shows the Hessian-vector products were drawn"""
+    gen = torch.Generator().manual_seed(8)
+    start = [torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES + [()]]
+    ps = [q.clone().requires_grad_() for q in start]
+    opt = SophiaH(ps, seed=3, **hypers)
+    untouched = torch.Generator().manual_seed(3).get_state()
+    f = lambda: sum((q ** 4).sum() + (q.sum() ** 2) for q in ps)
+    for _ in range(12):
+        opt.zero_grad()
+        (0 * f()).backward(create_graph=True)
+        assert all(q.grad.requires_grad for q in ps)                   # the due steps really estimate ĥ through a graph
+        opt.step()
+    for q, q0 in zip(ps, start): assert torch.equal(q.detach(), q0), (dtype, hypers, q, q0)
+    for q in ps:
+        st = opt.state[q]
+        assert st['step'] == 12
+        assert torch.equal(st['exp_avg'], torch.zeros_like(q)) and torch.equal(st['hessian_moment'], torch.zeros_like(q))
+    assert not torch.equal(opt.generator.get_state(), untouched)
