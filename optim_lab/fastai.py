@@ -181,7 +181,7 @@ class EMACallback(Callback):
     def __init__(self, decay: float = 0.999):  # β of `EMA`: the average looks back about 1/(1 - β) steps
         from optim_lab.toolkit.ema import EMA
         EMA([], decay)  # refuse a bad decay now, not at the first batch
-        self.decay, self.average, self._start, self._averaged = decay, None, False, None
+        self.decay, self.average, self._start, self._averaged, self._cancelled = decay, None, False, None, False
 
     def before_fit(self): self._start = True  # `learn.validate()` fires this too: start at the first training batch
 
@@ -190,7 +190,11 @@ class EMACallback(Callback):
             from optim_lab.toolkit.ema import EMA
             self.average, self._start = EMA(self.learn.model, self.decay), False
 
-    def after_step(self): self.average.update()
+    def before_batch(self): self._cancelled = False
+    def after_cancel_step(self): self._cancelled = True  # the optimizer did not step: fastai still fires `after_step`
+
+    def after_step(self):
+        if not self._cancelled: self.average.update()
 
     def before_validate(self):
         if self.average is None: return  # no training yet: validate the weights

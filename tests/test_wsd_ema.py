@@ -272,6 +272,38 @@ def test_ema_callback_average_matches_the_float64_loop():
         assert (s.double() - r).abs().max() < 1e-5   # float32 rounding over 89 updates; the weights are of order 1
 
 
+def test_ema_callback_skips_cancelled_steps():
+    "A step cancelled with CancelStepException (MixedPrecision's overflow skip) updates neither the weights nor the average"
+    from fastai.callback.core import Callback, CancelStepException
+    from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (Learner.no_bar, as in _fastai_run)
+    from optim_lab.fastai import EMACallback, digits_learner
+
+    class CancelOddSteps(Callback):
+        def before_fit(self): self.cancelled = 0
+        def before_step(self):
+            if self.iter % 2:
+                self.cancelled += 1
+                raise CancelStepException()
+
+    ema_cb, canceller = EMACallback(decay=0.95), CancelOddSteps()
+    learn = digits_learner('Adam', lr=1e-2, cbs=[ema_cb, canceller])
+    learn.create_opt()
+    start = [p.detach().double().clone() for p in learn.model.parameters()]
+    after_steps = []   # the weights after every step the PyTorch optimizer took, recorded by the optimizer itself
+    learn.opt.opt.register_step_post_hook(
+        lambda opt, args, kwargs: after_steps.append([p.detach().double().clone() for p in learn.model.parameters()]))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+
+    batches = len(learn.dls.train)
+    assert canceller.cancelled == batches // 2 > 0
+    assert len(after_steps) == batches - canceller.cancelled
+    assert ema_cb.average.num_updates == len(after_steps)
+    reference = start
+    for weights in after_steps: reference = [0.95 * s + 0.05 * p for s, p in zip(reference, weights)]
+    for s, r in zip(ema_cb.average.shadow, reference):
+        assert (s.double() - r).abs().max() < 1e-5   # float32 rounding over 45 updates; the weights are of order 1
+
+
 # %% EMA on FSDP2's sharded parameters (2 gloo ranks)
 
 def sharded_model():
