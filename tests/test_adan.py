@@ -14,6 +14,7 @@ import torch
 
 from optim_lab import load_optimizer
 from histories import run, assert_close_histories, deviation
+from peer_versions import peer_is
 
 pytorch_optimizer = pytest.importorskip('pytorch_optimizer')
 Adan = load_optimizer('Adan')
@@ -120,7 +121,8 @@ def test_peer_maximize_deviates_from_the_paper():
         peer.step()
         hist.append([p.detach().double().clone() for p in ps])
     assert deviation(ours, paper) < 1e-10
-    assert deviation(hist, paper) > 1e-2   # the peer's first difference; it is ~1e-6 without maximize
+    if peer_is('pytorch_optimizer'):
+        assert deviation(hist, paper) > 1e-2   # the peer's first difference; it is ~1e-6 without maximize
 
 
 @pytest.mark.parametrize('decoupled', [False, True])

@@ -16,6 +16,7 @@ from torch import nn, Tensor
 from optim_lab.modular import Modular, Module, m, modular_opt_func
 from optim_lab.optimizers.adam import Adam as LabAdam
 from optim_lab.optimizers.lion_signum import Lion as LabLion, Signum as LabSignum
+from peer_versions import peer_is
 
 tz = pytest.importorskip('torchzero')
 
@@ -224,8 +225,9 @@ def test_adam_eps_placement_differs_from_torchzero_as_documented():
     # ours is torch.optim.Adam's m̂/(√v̂ + ε); torchzero 0.4 computes (√(1-β2^t)/(1-β1^t))·m/(√v + ε): ε is not rescaled.
     # Invisible at ε = 1e-8, visible at a large ε; torch.optim.Adam agrees with ours
     spec = [('Adam', dict(eps=0.1)), LR_]
-    dev, _ = _agree(spec, SHAPES)
-    assert dev > 1e-4
+    if peer_is('torchzero'):
+        dev, _ = _agree(spec, SHAPES)
+        assert dev > 1e-4
     ours = trajectory(lambda ps: Modular(ps, *chain(m, spec)))
     ref = trajectory(lambda ps: torch.optim.Adam(ps, lr=1e-2, eps=0.1))
     assert max_dev(ours, ref) <= 1e-6
@@ -233,8 +235,9 @@ def test_adam_eps_placement_differs_from_torchzero_as_documented():
 
 def test_adam_alpha_without_debias_is_ignored_by_torchzero():
     # torchzero 0.4 multiplies by `alpha` only inside its debiasing branch; ours scales the direction either way
-    theirs = {a: trajectory(lambda ps: tz.Optimizer(ps, tz.m.Adam(debias=False, alpha=a), tz.m.LR(1e-2))) for a in (1.0, 0.5)}
-    assert max_dev(theirs[1.0], theirs[0.5]) == 0.0
+    if peer_is('torchzero'):
+        theirs = {a: trajectory(lambda ps: tz.Optimizer(ps, tz.m.Adam(debias=False, alpha=a), tz.m.LR(1e-2))) for a in (1.0, 0.5)}
+        assert max_dev(theirs[1.0], theirs[0.5]) == 0.0
     ours = trajectory(lambda ps: Modular(ps, m.Adam(debias=False, alpha=0.5), m.LR(1e-2)))
     half_lr = trajectory(lambda ps: Modular(ps, m.Adam(debias=False), m.LR(0.5e-2)))
     assert max_dev(ours, half_lr) <= 1e-6
@@ -262,7 +265,8 @@ def test_dim_none_is_per_tensor_unlike_torchzero(name, kwargs, ref):
     theirs = step(tz.m, lambda lib, ps: tz.Optimizer(ps, getattr(lib, name)(**kwargs), lib.LR(1.0)))
     for u, x in zip(ours, grads): torch.testing.assert_close(u, ref(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(theirs[0], ours[0])                  # the first tensor sets the dims: agrees
-    assert (theirs[1] - ours[1]).abs().max() > 1e-2                 # the 2-D one is reduced over dim 0 only
+    if peer_is('torchzero'):
+        assert (theirs[1] - ours[1]).abs().max() > 1e-2             # the 2-D one is reduced over dim 0 only
 
 
 # %% against torch.optim, where torchzero says its module is identical

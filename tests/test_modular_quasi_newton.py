@@ -14,6 +14,7 @@ from optim_lab.modular import Modular, m
 from optim_lab.modular.second_order import LineSearch
 from optim_lab.problems import rosenbrock
 from distributed_harness import is_rank, rank_results, serve_rank, shard_rows
+from peer_versions import peer_is
 
 WORKER = is_rank(__name__)   # a rank of the sharded test at the end
 if not WORKER:
@@ -218,7 +219,8 @@ def test_broyden_bad_b_side_is_the_same_method(problem):
     tz_H = path(theirs('BroydenBad', scale_first=True), f, start(), steps)
     tz_B = path(theirs('BroydenBad', scale_first=True, inverse=False), f, start(), steps)
     assert until_stalled(H_side, tz_H)[0] < 1e-7          # torchzero's H side is the textbook
-    assert until_stalled(tz_B, tz_H)[0] > 1e-5            # its B side is not
+    if peer_is('torchzero'):
+        assert until_stalled(tz_B, tz_H)[0] > 1e-5        # its B side is not
 
 
 class Greenstadt1WithCurrentGradient(m.Greenstadt1):
@@ -235,8 +237,10 @@ def test_greenstadt1_uses_the_previous_gradient(problem):
     aliased = path(lambda ps: Modular(ps, Greenstadt1WithCurrentGradient(scale_first=True, safeguard=False), m.Backtracking()),
                    f, start(), steps)
     ours_ = path(ours('Greenstadt1', scale_first=True, safeguard=False), f, start(), steps)
-    assert until_stalled(aliased, tzg)[0] < 1e-7
-    assert until_stalled(ours_, tzg)[0] > 1e-4
+    assert until_stalled(ours_, aliased)[0] > 1e-4        # ours uses g_prev, not the current gradient
+    if peer_is('torchzero'):
+        assert until_stalled(aliased, tzg)[0] < 1e-7
+        assert until_stalled(ours_, tzg)[0] > 1e-4
 
 
 def test_online_applies_the_initial_scale_once():

@@ -11,6 +11,7 @@ import torch
 
 from optim_lab.modular import Modular, m
 from distributed_harness import is_rank, rank_results, serve_rank, shard_rows
+from peer_versions import peer_is
 
 WORKER = is_rank(__name__)   # a rank of the sharded test at the end: no torchzero needed
 if not WORKER:
@@ -167,7 +168,8 @@ def test_pcg_full_rank_is_newton():
     ours = one_update(m.NystromPCG(8, seed=0))
     theirs = one_update(tz.m.NystromPCG(8, seed=0), opt_cls=tz.Optimizer)
     assert (ours - target).norm() / target.norm() < 1e-10
-    assert (theirs - target).norm() / target.norm() > 1e-3
+    if peer_is('torchzero'):
+        assert (theirs - target).norm() / target.norm() > 1e-3
 
 
 @pytest.mark.parametrize('reg', [1e-6, 1e-10, 1e-13])

@@ -25,6 +25,7 @@ pytorch_optimizer = pytest.importorskip('pytorch_optimizer')
 
 from optim_lab.checks import noisy_quadratic, max_deviation, peer_check
 from optim_lab.optimizers.ranger import Ranger, Ranger21
+from peer_versions import peer_is
 
 SHAPES = ((7,), (4, 5), (2, 3, 2, 2))
 STEPS = 100
@@ -209,9 +210,10 @@ def test_ranger21_stable_decay(hypers):
     "With decay: ours against the transcription; the peer equals the transcription with the sum started at 1"
     ours, starts, fns = multi_run(lambda ps: Ranger21(ps, lr=1e-2, **hypers), STEPS, torch.float32)
     assert deviation(ours, ranger21_reference(starts, fns, STEPS, lr=1e-2, **hypers)) < TOL
-    peer, *_ = multi_run(lambda ps: pytorch_optimizer.Ranger21(ps, lr=1e-2, foreach=False, **hypers), STEPS, torch.float32)
-    assert deviation(peer, ranger21_reference(starts, fns, STEPS, lr=1e-2, v_sum_start=1.0, decay_eps=False, **hypers)) < TOL
-    assert deviation(ours, peer) > 10 * TOL
+    if peer_is('pytorch_optimizer'):
+        peer, *_ = multi_run(lambda ps: pytorch_optimizer.Ranger21(ps, lr=1e-2, foreach=False, **hypers), STEPS, torch.float32)
+        assert deviation(peer, ranger21_reference(starts, fns, STEPS, lr=1e-2, v_sum_start=1.0, decay_eps=False, **hypers)) < TOL
+        assert deviation(ours, peer) > 10 * TOL
 
 
 def test_ranger21_l2_is_applied():
@@ -223,7 +225,8 @@ def test_ranger21_l2_is_applied():
                                                                weight_decay=0.1, weight_decouple=False), STEPS, torch.float32)
     no_decay, *_ = multi_run(lambda ps: pytorch_optimizer.Ranger21(ps, lr=1e-2, foreach=False, num_iterations=100,
                                                                    weight_decay=0.0), STEPS, torch.float32)
-    assert deviation(peer, no_decay) == 0.0
+    if peer_is('pytorch_optimizer'):
+        assert deviation(peer, no_decay) == 0.0
 
 
 def test_ranger21_default_num_iterations():

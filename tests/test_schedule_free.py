@@ -9,6 +9,7 @@ import torch
 
 from optim_lab import load_optimizer
 from optim_lab.optimizers.schedule_free import ScheduleFreeSGD, ScheduleFreeAdamW, ScheduleFreeRAdam
+from peer_versions import peer_is
 
 torch.set_num_threads(1)
 SHAPES = [(6,), (3, 4), (2,)]     # 1-D and 2-D parameters stepped together by one optimizer
@@ -329,7 +330,8 @@ def test_pytorch_optimizer_adamw_averaging_weights_differ_from_algorithm_1():
     _, ours_x, _, _ = class_run(ScheduleFreeAdamW, thetas, grad_of, 100, lr=1e-2)
     _, peer_x = peer_run(pytorch_optimizer.ScheduleFreeAdamW, thetas, grad_of, 100, lr=1e-2)
     assert deviation([ours_x], [paper_xs[-1]]) < 1e-5
-    assert deviation([peer_x], [paper_xs[-1]]) > 1e-2
+    if peer_is('pytorch_optimizer'):
+        assert deviation([peer_x], [paper_xs[-1]]) > 1e-2
 
 
 def test_pytorch_optimizer_radam_sgd_phase_uses_lr_one():
@@ -342,7 +344,8 @@ def test_pytorch_optimizer_radam_sgd_phase_uses_lr_one():
     assert deviation(ours, paper_ys) < 1e-5
     first_paper = deviation([paper_ys[0]], [[t.double() for t in thetas]])
     first_peer = deviation([theirs[0]], [thetas])
-    assert first_peer > 100 * first_paper, (first_peer, first_paper)
+    if peer_is('pytorch_optimizer'):
+        assert first_peer > 100 * first_paper, (first_peer, first_paper)
 
 
 # %% fastai
