@@ -668,6 +668,15 @@ def write_outputs(out: Path, rows, board, time_rows, run: dict) -> list[Path]:
 STEP_COLUMNS = ('optimizer', 'family', 'eager_vs_fused', 'compile_vs_fused', 'peer', 'peer_vs_fused', 'state_B_per_param',
                 'state_min_B', 'fused_ms')
 
+def _reference_spread(rows: list[dict]) -> str:
+    "The fused reference's step across the batches: how steady the machine was while the table was timed"
+    ms = [r['fused_ms'] for r in rows if isinstance(r.get('fused_ms'), float) and math.isfinite(r['fused_ms'])]
+    if not ms: return ''
+    lo, hi = min(ms), max(ms)
+    return (f" The reference's step took {lo:.2f}–{hi:.2f} ms across the batches" +
+            (": the load changed during the run, so compare ratios within a batch (rows sharing a `fused_ms`) and read the rest as rough sizes."
+             if hi > 1.25 * lo else "."))
+
 def step_table_markdown(rows: list[dict], info: dict, shapes=STEP_WORKLOAD, rounds: int = 5) -> str:
     "The step-time table as markdown, its caption naming the workload and the machine"
     n = sum(math.prod(s) for s in shapes)
@@ -675,7 +684,7 @@ def step_table_markdown(rows: list[dict], info: dict, shapes=STEP_WORKLOAD, roun
                f"torch.optim.Adam(fused=True) timed in the same batch (median of {rounds} round-robin rounds; `fused_ms`: "
                f"that reference's step); {machine_line(info)}. `peer`: the same algorithm in torch.optim or "
                "pytorch-optimizer. `state_B_per_param`: bytes of state tensors per parameter, measured; `state_min_B`: "
-               "what the algorithm must keep.")
+               "what the algorithm must keep." + _reference_spread(rows))
     return caption + '\n\n' + markdown_table(rows, list(STEP_COLUMNS))
 
 def run_steps(out='lab_results/steps', names=None, compile_names=None, rounds: int = 5, shapes=STEP_WORKLOAD,
