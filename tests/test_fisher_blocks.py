@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from peer_versions import peer_is
 
 from optim_lab import load_optimizer
 from histories import run, assert_close_histories
@@ -143,7 +144,7 @@ def test_mars_peer_l2_is_not_l2():
     "The deviation named above really exists: the peer's weight_decouple=False run ignores the decay in its step"
     a = run(lambda ps: pytorch_optimizer.MARS(ps, lr=1e-2, weight_decay=0.5, weight_decouple=False), shapes=[(4, 5)])
     b = run(lambda ps: load_optimizer('MARS')(ps, lr=1e-2, weight_decay=0.5, decoupled_wd=False), shapes=[(4, 5)])
-    assert (a[-1][0] - b[-1][0]).abs().max() > 1e-2
+    if peer_is('pytorch_optimizer'): assert (a[-1][0] - b[-1][0]).abs().max() > 1e-2
 
 
 # %% Cautious stepping

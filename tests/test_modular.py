@@ -395,7 +395,8 @@ def test_load_refuses_a_different_chain():
 @pytest.mark.parametrize('make, match', [(lambda: m.Adam(beta1=1.5), r'Adam: beta1=1.5 is outside'),
                                          (lambda: m.LR(-1e-3), r'LR: lr=-0.001 is outside'),
                                          (lambda: m.Cautious(mode='sideways'), r"Cautious: mode='sideways'"),
-                                         (lambda: m.RMSprop(smoothing=-0.1), r'RMSprop: smoothing=-0.1')])
+                                         (lambda: m.RMSprop(smoothing=-0.1), r'RMSprop: smoothing=-0.1'),
+                                         (lambda: m.Newton(h=1e-2), r'Newton: h=0.01 is not supported')])
 def test_bad_settings_raise(make, match):
     with pytest.raises(ValueError, match=match): make()
 

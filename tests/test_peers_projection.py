@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from peer_versions import peer_is
 
 pytorch_optimizer = pytest.importorskip('pytorch_optimizer')
 
@@ -130,7 +131,7 @@ def test_peer_drops_l2():
     theta0, grad_fn = invariant_problem((4, 5), STEPS, view='none')
     runs = [run_optimizer(lambda ps: pytorch_optimizer.AdamP(ps, lr=1e-2, weight_decay=wd, weight_decouple=False),
                           theta0, grad_fn, STEPS) for wd in (0.0, 0.5)]
-    assert max_deviation(*runs) == 0.0
+    if peer_is('pytorch_optimizer'): assert max_deviation(*runs) == 0.0
     ours = [run_optimizer(lambda ps: AdamP(ps, lr=1e-2, weight_decay=wd, decoupled_wd=False), theta0, grad_fn, STEPS)
             for wd in (0.0, 0.5)]
     assert max_deviation(*ours) > 1e-3

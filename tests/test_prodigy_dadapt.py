@@ -6,6 +6,7 @@ import copy, io, math
 
 import pytest
 import torch
+from peer_versions import peer_is
 
 import pytorch_optimizer as PO
 from optim_lab.optimizers.prodigy_dadapt import DAdaptAdam, DAdaptSGD, Prodigy
@@ -300,12 +301,14 @@ def test_pytorch_optimizer_prodigy_l2_decay_does_nothing():
     "The peer's Prodigy with weight_decouple=False equals no decay bit for bit; ours follows the transcription"
     (peer_l2, _, _), (peer_none, _, _) = (run(lambda ps: PO.Prodigy(ps, weight_decay=0.5, weight_decouple=False)),
                                           run(lambda ps: PO.Prodigy(ps)))
-    assert all(torch.equal(x, y) for (xs, _), (ys, _) in zip(peer_l2, peer_none) for x, y in zip(xs, ys))
+    if peer_is('pytorch_optimizer'):
+        assert all(torch.equal(x, y) for (xs, _), (ys, _) in zip(peer_l2, peer_none) for x, y in zip(xs, ys))
     ours, _, _ = run(lambda ps: Prodigy(ps, weight_decay=0.5, decoupled_wd=False))
     start, grad_fn = problem()
     dev, _ = deviation(ours, prodigy_reference(start, grad_fn, STEPS, weight_decay=0.5, decoupled_wd=False))
     gap, _ = deviation(ours, peer_l2)
-    assert dev < 1e-9 and gap > 0.1, (dev, gap)
+    assert dev < 1e-9, dev
+    if peer_is('pytorch_optimizer'): assert gap > 0.1, gap
 
 
 # %% float32, low precision, degenerate input

@@ -603,6 +603,7 @@ def newton_solve(H: Tensor, b: Tensor, use_lstsq: bool = False) -> Tensor:
 # %% ../../nbs/62_second_order.ipynb #82783880
 class Newton(Module):
     "Newton's method: the update becomes (H + λI)⁻¹ update, H the autograd Hessian over all parameters (torchzero's `Newton`)"
+    unsupported = dict(h="torchzero's step for finite-difference Hessians; here H is always the autograd Hessian")
     def __init__(self,
                  damping: float = 0,                 # λ, Tikhonov regularisation added to the Hessian's diagonal
                  eigval_fn: Callable | None = None,  # map H's eigenvalues before inverting (e.g. `torch.abs`)
@@ -612,7 +613,7 @@ class Newton(Module):
                  precompute_inverse: bool | None = None, # accepted for compatibility: the solve is always fresh
                  use_lstsq: bool = False,            # solve by least squares (robust when H is singular)
                  hessian_method: Literal['batched_autograd', 'autograd'] = 'batched_autograd', # how H is formed
-                 h: float = 1e-3,                    # torchzero's, for its finite-difference methods (not offered here)
+                 h: float = 1e-3,                    # torchzero's, for its finite-difference methods (not offered here: only the default)
                  inner=None):                        # not supported
         _no_inner('Newton', inner)
         hypers = dict(damping=damping, eigval_fn=eigval_fn, eigv_tol=eigv_tol, truncate=truncate, update_freq=update_freq,
