@@ -19,10 +19,10 @@ __all__ = ['ADAM_LR', 'SOLVED', 'COARSE', 'TRIALS', 'SEEDS', 'EVAL_POINTS', 'SEC
            'EAGER_SECONDS', 'STEP_COLUMNS', 'MAIN_OPTIMIZERS', 'default_lr', 'centre_lr', 'tuning_key', 'next_lr',
            'edge', 'optimizer_factory', 'tune', 'family', 'leaderboard', 'first_reach', 'add_time_to_target',
            'performance_profile', 'profile_score', 'step_cost', 'convergence', 'make_params', 'peer_factories',
-           'time_optimizers', 'state_bytes_per_param', 'machine', 'machine_line', 'step_time_table', 'markdown_table',
-           'write_csv', 'read_csv', 'ranking', 'ema', 'plot_profile', 'plot_heatmap', 'plot_curves', 'plot_sensitivity',
-           'plot_step_time', 'run_lab', 'budget_line', 'write_outputs', 'step_table_markdown', 'run_steps',
-           'readme_summary', 'main']
+           'time_optimizers', 'state_bytes_per_param', 'machine', 'machine_line', 'graph_state_row', 'step_time_table',
+           'markdown_table', 'write_csv', 'read_csv', 'ranking', 'ema', 'plot_profile', 'plot_heatmap', 'plot_curves',
+           'plot_sensitivity', 'plot_step_time', 'run_lab', 'budget_line', 'write_outputs', 'step_table_markdown',
+           'run_steps', 'readme_summary', 'main']
 
 # %% ../nbs/90_benchmark.ipynb #8452024f
 ADAM_LR = 1e-3  # torch.optim.Adam's default: `problem.lr` is a good lr for Adam, scaled to each optimizer's default
@@ -354,6 +354,22 @@ def _factories(name: str, peers: dict, compile_names) -> dict:
     if peer and cls.compile_refusal is None: out[f'peer:{name}'] = peer[1]
     return out
 
+def graph_state_row(name: str, shapes=WORKLOAD) -> dict:
+    """A row for an optimizer whose step differentiates the loss's graph (a Hessian-vector product), which the fixed
+    gradients of the timing workload lack: its state measured after two steps on ½Σθ², its step not timed"""
+    cls = load_optimizer(name)
+    params = [p.detach().requires_grad_(True) for p in make_params(shapes)]
+    opt = cls(params)
+    for _ in range(2):
+        opt.zero_grad()
+        (0.5 * sum(p.square().sum() for p in params)).backward(create_graph=True)
+        opt.step()
+    nan = math.nan
+    return dict(optimizer=name, family=family(cls), eager_ms=nan, eager_vs_fused=nan, compile_vs_fused=nan, peer='',
+                peer_vs_fused=nan, eager_vs_peer=nan, state_B_per_param=state_bytes_per_param(opt),
+                buffers_B_per_param=4.0 * len(cls.state_buffers) if cls.state_buffers else nan,
+                state_min_B=STATE_MINIMUM_B.get(name, nan), fused_ms=nan)
+
 def step_time_table(names, rounds: int = 5, steps: int = 5, shapes=WORKLOAD, compile_names=None,
                     batch: int = 3, progress=None) -> list[dict]:
     """Step time of every optimizer, eager and `compile=True`, as ratios to torch's fused Adam timed in the same batch
@@ -371,7 +387,9 @@ def step_time_table(names, rounds: int = 5, steps: int = 5, shapes=WORKLOAD, com
         fused = secs['torch Adam (fused)']
         foreach.append((secs['torch Adam (foreach)'] / fused, state_bytes_per_param(opts['torch Adam (foreach)'])))
         for name in names[start:start + batch]:
-            if name not in secs: continue
+            if name not in secs:
+                if load_optimizer(name).needs_create_graph: rows.append(graph_state_row(name, shapes))
+                continue
             cls, peer = load_optimizer(name), _peer_factory(name, peers)
             peer_secs = secs.get(f'peer:{name}', math.nan)
             rows.append(dict(optimizer=name, family=family(cls), eager_ms=1e3 * secs[name], eager_vs_fused=secs[name] / fused,
@@ -668,6 +686,12 @@ def write_outputs(out: Path, rows, board, time_rows, run: dict) -> list[Path]:
 STEP_COLUMNS = ('optimizer', 'family', 'eager_vs_fused', 'compile_vs_fused', 'peer', 'peer_vs_fused', 'state_B_per_param',
                 'state_min_B', 'fused_ms')
 
+def _untimed(rows: list[dict]) -> str:
+    "The rows whose step is not timed (it needs the loss's graph), said in the caption"
+    names = [r['optimizer'] for r in rows if r.get('family') != 'torch' and not math.isfinite(r.get('eager_vs_fused', math.nan))]
+    return (f" {' and '.join(names)} step with a Hessian-vector product of the loss's graph, which the timing workload's "
+            "fixed gradients lack: their state is measured (after two steps on ½Σθ²), their step is not timed." if names else '')
+
 def _reference_spread(rows: list[dict]) -> str:
     "The fused reference's step across the batches: how steady the machine was while the table was timed"
     ms = [r['fused_ms'] for r in rows if isinstance(r.get('fused_ms'), float) and math.isfinite(r['fused_ms'])]
@@ -684,7 +708,7 @@ def step_table_markdown(rows: list[dict], info: dict, shapes=STEP_WORKLOAD, roun
                f"torch.optim.Adam(fused=True) timed in the same batch (median of {rounds} round-robin rounds; `fused_ms`: "
                f"that reference's step); {machine_line(info)}. `peer`: the same algorithm in torch.optim or "
                "pytorch-optimizer. `state_B_per_param`: bytes of state tensors per parameter, measured; `state_min_B`: "
-               "what the algorithm must keep." + _reference_spread(rows))
+               "what the algorithm must keep." + _reference_spread(rows) + _untimed(rows))
     return caption + '\n\n' + markdown_table(rows, list(STEP_COLUMNS))
 
 def run_steps(out='lab_results/steps', names=None, compile_names=None, rounds: int = 5, shapes=STEP_WORKLOAD,

@@ -116,3 +116,11 @@ def test_steps_command(tmp_path):
     assert set(rows) == {'SGD', 'Lion', 'torch Adam (foreach)'}
     assert rows['SGD']['state_B_per_param'] == rows['SGD']['state_min_B'] == 4.0
     assert rows['SGD']['peer'] == 'torch.optim.SGD' and rows['SGD']['peer_vs_fused'] > 0
+
+
+def test_steps_command_measures_the_state_of_graph_optimizers(tmp_path):
+    "SophiaH's step needs the loss's graph: its row has its state (m and the Hessian moment: 8 B), no timing, and the caption says why"
+    main(['--steps', '--quick', '--only', 'SophiaH', '--compile', 'none', '--out', str(tmp_path)])
+    row = {r['optimizer']: r for r in read_csv(tmp_path / 'step_time.csv')}['SophiaH']
+    assert row['state_B_per_param'] == 8.0 and math.isnan(row['eager_vs_fused'])
+    assert 'SophiaH step with a Hessian-vector product' in (tmp_path / 'step_time.md').read_text()
