@@ -366,9 +366,14 @@ def graph_state_row(name: str, shapes=WORKLOAD) -> dict:
         opt.step()
     nan = math.nan
     return dict(optimizer=name, family=family(cls), eager_ms=nan, eager_vs_fused=nan, compile_vs_fused=nan, peer='',
-                peer_vs_fused=nan, eager_vs_peer=nan, state_B_per_param=state_bytes_per_param(opt),
-                buffers_B_per_param=4.0 * len(cls.state_buffers) if cls.state_buffers else nan,
-                state_min_B=STATE_MINIMUM_B.get(name, nan), fused_ms=nan)
+                peer_vs_fused=nan, eager_vs_peer=nan, **_state_columns(name, opt), fused_ms=nan)
+
+def _state_columns(name: str, opt) -> dict:
+    "The state an optimizer keeps, in bytes per parameter: measured, its zero-started buffers, its algorithm's minimum"
+    cls = load_optimizer(name)
+    return dict(state_B_per_param=state_bytes_per_param(opt),
+                buffers_B_per_param=4.0 * len(cls.state_buffers) if cls.state_buffers else math.nan,
+                state_min_B=STATE_MINIMUM_B.get(name, math.nan))
 
 def step_time_table(names, rounds: int = 5, steps: int = 5, shapes=WORKLOAD, compile_names=None,
                     batch: int = 3, progress=None) -> list[dict]:
@@ -396,9 +401,7 @@ def step_time_table(names, rounds: int = 5, steps: int = 5, shapes=WORKLOAD, com
                              compile_vs_fused=secs.get(f'{name} (compile)', math.nan) / fused,
                              peer=peer[0] if f'peer:{name}' in secs else '', peer_vs_fused=peer_secs / fused,
                              eager_vs_peer=secs[name] / peer_secs,
-                             state_B_per_param=state_bytes_per_param(opts[name]),
-                             buffers_B_per_param=4.0 * len(cls.state_buffers) if cls.state_buffers else math.nan,
-                             state_min_B=STATE_MINIMUM_B.get(name, math.nan), fused_ms=1e3 * fused))
+                             **_state_columns(name, opts[name]), fused_ms=1e3 * fused))
         del opts; gc.collect()
         if progress is not None:
             progress.update(sum(COMPILE_SECONDS if k.endswith('(compile)') else EAGER_SECONDS for k in chunk))

@@ -8,10 +8,9 @@ from importlib.metadata import PackageNotFoundError, version
 MEASURED = {'pytorch_optimizer': '4.1.0', 'torchzero': '0.4.4'}
 
 
-def peer_is(package: str, version_: str | None = None) -> bool:
-    "True while the installed peer is the version whose deviation the chapter shows (MEASURED[package] by default)"
+def peer_is(package: str) -> bool:
+    "True while the installed peer is MEASURED[package], the version whose deviation the chapter shows"
     try:
-        installed = version(package)
+        return version(package) == MEASURED[package]
     except PackageNotFoundError:
         return False
-    return installed == (version_ or MEASURED[package])
