@@ -88,7 +88,7 @@ outputs: $(STAMP)
 	done
 	$(BIN)/nbdev_clean
 
-## README.md and the HTML book, rendered with nbconvert (Quarto is not installable here).
+## README.md and the HTML book, rendered with nbconvert.
 readme: $(STAMP)
 	$(PY) -m optim_lab.docs readme
 
