@@ -88,13 +88,20 @@ def test_names_and_aliases():
     assert isinstance(m.OnlineLBFGS(4), m.Online) and m.OnlineLBFGS(4).module.defaults['history_size'] == 4
 
 
-@pytest.mark.parametrize('name', ALL)
+DEFAULTS_NOT_TORCHZEROS = {('SR1', 'tol'): 1e-8}   # N&W's r of eq. 6.26 (chapter 62; torchzero: 1e-32)
+
+
+@pytest.mark.parametrize('name', ALL + ['BFGS', 'SR1'])
 def test_signature_is_torchzeros(name):
-    "Same argument names, order and defaults as torchzero 0.4.4 (ours adds `safeguard`, not in torchzero, before `inner`)"
-    def params(cls):
-        return [(p.name, p.default) for p in inspect.signature(cls.__init__).parameters.values()
-                if p.name not in ('self', 'safeguard')]
-    assert params(getattr(m, name)) == params(getattr(tz.m, name))
+    """Every positional slot is torchzero 0.4.4's: the same names, order and defaults (SR1's `tol` the documented
+    exception); ours adds only the keyword-only `safeguard` to the dense modules, so no positional call can shift"""
+    ours_ = list(inspect.signature(getattr(m, name)).parameters.values())
+    theirs_ = list(inspect.signature(getattr(tz.m, name)).parameters.values())
+    positional = [(p.name, DEFAULTS_NOT_TORCHZEROS.get((name, p.name), p.default)) for p in theirs_]
+    assert [(p.name, p.default) for p in ours_ if p.kind is p.POSITIONAL_OR_KEYWORD] == positional
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in theirs_)
+    dense = name in DENSE + ['BFGS', 'SR1']
+    assert [p.name for p in ours_ if p.kind is not p.POSITIONAL_OR_KEYWORD] == (['safeguard'] if dense else [])
 
 
 # ---------------------------------------------------------------- against torchzero 0.4.4

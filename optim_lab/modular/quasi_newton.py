@@ -66,11 +66,11 @@ class InverseSecantUpdate(SecantUpdate):
                  scale_first: bool = False,            # shrink the first step as torch's L-BFGS does
                  concat_params: bool = True,           # one H over all parameters (False: one per parameter)
                  inverse: bool = True,                 # only True: the method updates H
-                 safeguard: bool = True,               # reset H when H·u is not a descent direction; not in torchzero
-                 inner=None):                          # not supported
+                 inner=None,                           # not supported
+                 *, safeguard: bool = True):           # reset H when H·u is not a descent direction; not in torchzero
         check_hypers(type(self).__name__, dict(inverse=inverse), dict(inverse=OneOf((True,))))
         super().__init__(init_scale, tol, ptol, ptol_restart, gtol, restart_interval, beta, update_freq, scale_first,
-                         concat_params, inverse, safeguard, inner)
+                         concat_params, inverse, inner, safeguard=safeguard)
 
 # %% ../../nbs/85_quasi_newton.ipynb #88f5bfa0
 class DFP(SecantUpdate):
@@ -97,10 +97,10 @@ class PSB(SecantUpdate):
     def __init__(self, init_scale='auto', tol=1e-32, ptol=1e-32, ptol_restart=False, gtol=1e-32, restart_interval=None,
                  beta=None, update_freq=1, scale_first=False, concat_params=True,
                  inverse: bool = False,          # only False: the method updates B and solves B d = u
-                 safeguard: bool = True, inner=None):
+                 inner=None, *, safeguard: bool = True):
         check_hypers('PSB', dict(inverse=inverse), dict(inverse=OneOf((False,))))
         super().__init__(init_scale, tol, ptol, ptol_restart, gtol, restart_interval, beta, update_freq, scale_first,
-                         concat_params, inverse, safeguard, inner)
+                         concat_params, inverse, inner, safeguard=safeguard)
     def update_B(self, B, s, y, tol): return secant_update_(B, y, s, s, symmetric=True)
 
 # %% ../../nbs/85_quasi_newton.ipynb #ab7a774a
@@ -181,10 +181,10 @@ class SSVM(InverseSecantUpdate):
     def __init__(self,
                  switch: tuple[float, float] | Literal[1, 2, 3, 4] = 3, # (φ, θ) fixed, or the rule choosing them each step
                  init_scale='auto', tol=1e-32, ptol=1e-32, ptol_restart=False, gtol=1e-32, restart_interval=None,
-                 beta=None, update_freq=1, scale_first=False, concat_params=True, safeguard: bool = True, inner=None):
+                 beta=None, update_freq=1, scale_first=False, concat_params=True, inner=None, *, safeguard: bool = True):
         check_hypers('SSVM', dict(switch=switch), dict(switch=_Switch()))
         super().__init__(init_scale, tol, ptol, ptol_restart, gtol, restart_interval, beta, update_freq, scale_first,
-                         concat_params, True, safeguard, inner)
+                         concat_params, True, inner, safeguard=safeguard)
         self.defaults['switch'] = switch
     def update_H(self, H, s, y, tol):
         g, Hy = self.pair['g'], H @ y
@@ -200,9 +200,9 @@ class ProjectedNewtonRaphson(InverseSecantUpdate):
     secant update along c = Hy; at every restart (default: every n + 1 steps) H starts again from R"""
     def __init__(self, init_scale='auto', tol=1e-32, ptol=1e-32, ptol_restart=False, gtol=1e-32,
                  restart_interval: int | Literal['auto'] | None = 'auto', # H ← R every this many steps ('auto': n + 1)
-                 beta=None, update_freq=1, scale_first=False, concat_params=True, safeguard: bool = True, inner=None):
+                 beta=None, update_freq=1, scale_first=False, concat_params=True, inner=None, *, safeguard: bool = True):
         super().__init__(init_scale, tol, ptol, ptol_restart, gtol, restart_interval, beta, update_freq, scale_first,
-                         concat_params, True, safeguard, inner)
+                         concat_params, True, inner, safeguard=safeguard)
     def update_H(self, H, s, y, tol):
         st = self.pair['state']
         if 'R' not in st: st['R'] = torch.eye(len(s), dtype=s.dtype, device=s.device)

@@ -398,8 +398,9 @@ class QuasiNewton(Module):
                  scale_first: bool = False,            # shrink the first step as torch's L-BFGS does
                  concat_params: bool = True,           # one H over all parameters (False: one per parameter)
                  inverse: bool = True,                 # keep H = B⁻¹ (True) or B and solve (False)
-                 safeguard: bool = True,               # reset H when H·u is not a descent direction (⟨Hu, u⟩ ≤ 0); not in torchzero
-                 inner=None):                          # not supported
+                 inner=None,                           # not supported
+                 *, safeguard: bool = True):           # reset H when H·u is not a descent direction (⟨Hu, u⟩ ≤ 0); not in
+                                                       # torchzero, so keyword-only: every positional slot is torchzero's
         _no_inner(type(self).__name__, inner)
         super().__init__(dict(init_scale=init_scale, tol=tol, ptol=ptol, ptol_restart=ptol_restart, gtol=gtol,
                               restart_interval=restart_interval, beta=beta, update_freq=update_freq, scale_first=scale_first,
@@ -488,8 +489,11 @@ class SR1(QuasiNewton):
     update_B = staticmethod(lambda B, s, y, tol: sr1_update_(B, y, s, tol))   # B s = y is H y = s with s, y swapped
     def __init__(self, init_scale: float | Literal['auto'] = 'auto',
                  tol: float = 1e-8,   # r of N&W eq. 6.26: skip when |⟨z, y⟩| ≤ r‖z‖‖y‖ (torchzero's default: 1e-32)
-                 **kwargs):           # the other arguments of `QuasiNewton`
-        super().__init__(init_scale, tol, **kwargs)
+                 ptol=1e-32, ptol_restart=False, gtol=1e-32, restart_interval=None, beta=None, update_freq=1,
+                 scale_first=False, concat_params=True, inverse=True, inner=None,
+                 *, safeguard: bool = True):  # the other arguments are `QuasiNewton`'s, in torchzero's order
+        super().__init__(init_scale, tol, ptol, ptol_restart, gtol, restart_interval, beta, update_freq, scale_first,
+                         concat_params, inverse, inner, safeguard=safeguard)
 
 # %% ../../nbs/62_second_order.ipynb #713517df
 def lbfgs_two_loop(q: Tensor,                 # the vector to precondition (flat), e.g. the gradient
@@ -696,15 +700,16 @@ def fd_forward_hvp(closure,              # closure(backward): its backward write
     return (g1 - g0) * (vn / h)
 
 class NewtonCG(Module):
-    "Newton's method with the system H d = update solved by conjugate gradients on Hessian-vector products (torchzero's `NewtonCG`)"
+    """Newton's method with the system H d = update solved by conjugate gradients on Hessian-vector products (torchzero's
+    `NewtonCG`, with its defaults); `NewtonCG(tol='forcing', npc_terminate=True)` is N&W's line-search Newton-CG (Alg. 7.1)"""
     def __init__(self,
                  maxiter: int | None = None,  # most CG iterations (None: the number of parameters; fewer: truncated Newton)
-                 tol: float | Literal['forcing'] = 'forcing', # CG stops when ‖r‖ < tol; 'forcing': min(0.5, √‖b‖)·‖b‖ (N&W Alg. 7.1)
+                 tol: float | Literal['forcing'] = 1e-8, # CG stops when ‖r‖ < tol; 'forcing': min(0.5, √‖b‖)·‖b‖ (N&W Alg. 7.1)
                  reg: float = 1e-8,           # λ added to the Hessian's diagonal
                  hvp_method: Literal['autograd', 'fd_forward'] = 'autograd', # H v by autograd, or by a forward difference of gradients
                                               # ('forward': the torchzero README's older spelling of 'fd_forward')
                  solver: Literal['cg'] = 'cg', # the linear solver
-                 npc_terminate: bool = True,  # stop CG at negative curvature (N&W Alg. 7.1; torchzero's default: False)
+                 npc_terminate: bool = False, # stop CG at negative curvature (True: N&W Alg. 7.1)
                  h: float = 1e-3,             # step of the 'fd_forward' product, along v/‖v‖
                  miniter: int = 1,            # fewest CG iterations
                  warm_start: bool = False,    # start CG from the previous step's solution
