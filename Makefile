@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 1
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: test lab bench bench-steps lab-quick lab-ray lab-check install system-packages sync-check nbtest pytest export outputs clean docs readme
+.PHONY: test lab bench bench-steps lab-quick lab-ray lab-check install system-packages sync-check nbtest pytest export outputs outputs-check clean docs readme
 
 install: $(STAMP)
 
@@ -87,6 +87,11 @@ outputs: $(STAMP)
 	  env -u MPLBACKEND $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 $$nb || exit 1; \
 	done
 	$(BIN)/nbdev_clean
+
+## Which committed text output a fresh run no longer prints (numbers within a few percent, timing cells marked
+## `#| fresh: skip` exempt), without writing any notebook: every one, or NBS="..."; FRESH_ARGS="--keep DIR" saves the runs.
+outputs-check: $(STAMP)
+	$(PY) -m optim_lab.freshness $(or $(NBS),index.ipynb nbs/*.ipynb) $(FRESH_ARGS)
 
 ## README.md and the HTML book, rendered with nbconvert.
 readme: $(STAMP)
