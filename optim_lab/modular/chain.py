@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..core import check_hypers, _Group
+from ..core import check_hypers, _Group, Flag
 
 # %% auto #0
 __all__ = ['Optimizer', 'Var', 'Module', 'Modular', 'modular_opt_func']
@@ -129,10 +129,12 @@ def _takes_backward(closure: Callable) -> bool:
     return any(p.kind in positional or p.name == 'backward' for p in params)
 
 class _CountedClosure:
-    "The user's closure as modules see it: run with gradients enabled, counted, its first loss kept"
+    "The user's closure as modules see it: run with gradients enabled, counted, its first loss kept; −f when maximizing"
     def __init__(self, closure: Callable, modular: 'Modular', var: Var | None = None):
         self.closure, self.modular, self.var, self.first_loss = closure, modular, var, None
         self.always_backward = not _takes_backward(closure)   # torch.optim's closure(): backward at every call
+        self.params = list(var.params) if var is not None else []   # every parameter the step may reach
+        self.negated = {}    # maximize: parameter -> the gradient tensor negated in place after the last backward pass
 
     def _protect_grad(self):
         "Before another backward pass: copy the starting point's gradient where the modules still read it from `p.grad`"
@@ -141,12 +143,27 @@ class _CountedClosure:
         for i, (p, g) in enumerate(zip(var.params, var.grad)):
             if g is p.grad: var.grad[i] = g.clone()   # in place: a module holding the list sees the copy
 
+    def _negate_grads(self):
+        "maximize: the gradient of −f, written over the closure's gradient in `p.grad` (where modules read it)"
+        for p in self.params:
+            if p.grad is not None: self.negated[p] = p.grad.neg_()
+
+    def restore_grads(self):
+        "At the end of the step: `p.grad` holds the closure's own gradient (of f) again"
+        for p, g in self.negated.items():
+            if p.grad is g: g.neg_()
+        self.negated.clear()
+
     def __call__(self, backward: bool = True) -> Tensor:
-        if backward or self.always_backward: self._protect_grad()
+        backward = backward or self.always_backward
+        if backward: self._protect_grad()
         with torch.enable_grad(): loss = self.closure() if self.always_backward else self.closure(backward)
         self.modular.num_evaluations += 1
         if self.first_loss is None: self.first_loss = loss
-        return loss
+        if not self.modular.maximize: return loss
+        if backward: self._negate_grads()
+        return -loss     # the modules minimise −f: line searches and trust regions compare these values
+
 
 # %% ../../nbs/60_modular.ipynb #bf49dbd3
 class _ChainGroup(_Group):
@@ -159,8 +176,12 @@ class _ChainGroup(_Group):
 class Modular(torch.optim.Optimizer):
     "A `torch.optim.Optimizer` whose step passes a `Var` through a chain of modules, then moves p ← p − update"
     def __init__(self, params,            # parameters, named parameters, param groups, or an `nn.Module`
-                 *modules: Module):       # the chain, applied in order
+                 *modules: Module,        # the chain, applied in order
+                 maximize: bool = False,  # ascend f: the modules see −f and its gradient (a line search maximises f)
+                 skip_nonfinite: bool = False):  # a step whose gradient or update has inf/nan changes nothing
         if not modules: raise ValueError("Modular needs at least one module")
+        check_hypers('Modular', dict(maximize=maximize, skip_nonfinite=skip_nonfinite), dict(maximize=Flag, skip_nonfinite=Flag))
+        self.maximize, self.skip_nonfinite, self.skipped_steps = maximize, skip_nonfinite, 0
         for i, m in enumerate(modules):
             if not isinstance(m, Module): raise TypeError(f"Modular: module {i} is a {type(m).__name__}, not a Module")
         self.model = params if isinstance(params, nn.Module) else None
@@ -176,6 +197,9 @@ class Modular(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict):
         "Check the group's overrides against each module's constraints before adding it"
+        if 'maximize' in param_group and not any('maximize' in m.defaults for m in self.modules):
+            raise ValueError("Modular: maximize is a setting of the whole chain, Modular(params, *modules, maximize=True), "
+                             "not of a param group")
         for k, v in param_group.items():
             if k != 'params':
                 for m in self.modules: m.check_setting(k, v)
@@ -214,15 +238,25 @@ def _start(self: Modular, closure: Callable | None) -> Var:
     pairs = [(p, g) for g in self.param_groups for p in g['params']
              if (p.requires_grad if closure is not None else p.grad is not None)]
     params, groups = [p for p, _ in pairs], [g for _, g in pairs]
-    if closure is None: return Var(params, groups, None, self, grad=[p.grad for p in params])
+    if closure is None:   # maximize: the modules get −g (new tensors: the caller's p.grad is left as it is)
+        return Var(params, groups, None, self, grad=[p.grad.neg() if self.maximize else p.grad for p in params])
     var = Var(params, groups, None, self)
     var.closure = _CountedClosure(closure, self, var)
     return var
 
-def _run(self: Modular, var: Var):
-    "Pass `var` through the chain, then p ← p − update unless a module has already moved the parameters"
+def _finite(tensors: list[Tensor]) -> bool:
+    "True when no entry of any of `tensors` is inf or nan (one synchronisation for all of them)"
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+def _run(self: Modular, var: Var, check: bool = False) -> bool:
+    """Pass `var` through the chain, then p ← p − update unless a module has already moved the parameters. With `check`,
+    only if the gradient and the update (after a module that moved the parameters: the new parameters) are finite.
+    Returns False when that check failed"""
     for m in self.modules: var = m.step(var)
-    if not var.skip_update: torch._foreach_sub_(var.params, var.get_update())
+    moved = var.params if var.skip_update else var.get_update()
+    if check and not _finite([*(var.grad or []), *moved]): return False
+    if not var.skip_update: torch._foreach_sub_(var.params, moved)
+    return True
 
 def _split(var: Var):
     "One `Var` per parameter in turn, sharing the loss and gradient already computed (a generator: one alive at a time)"
@@ -232,6 +266,25 @@ def _split(var: Var):
         one.loss = var.loss
         yield one
 
+def _modules_within(modules) -> list[Module]:
+    "The chain's modules and, depth first, the modules inside composites"
+    return [x for m in modules for x in (m, *_modules_within(m.children()))]
+
+def _snapshot(self: Modular, params: list[Tensor]) -> tuple:
+    "Copies of what a step may change: the parameters it steps, every module's per-parameter state and global state"
+    copies = lambda store: {p: copy.deepcopy(s) for p, s in store.items()}   # keyed by the parameters themselves
+    return ([p.clone() for p in params], copies(self.state),
+            [(m, copy.deepcopy(m.global_state), copies(m._own_state)) for m in _modules_within(self.modules)])
+
+def _restore(self: Modular, params: list[Tensor], saved: tuple):
+    "Put back what `_snapshot` copied: the step leaves no trace (state created during the step is dropped too)"
+    values, state, modules = saved
+    for p, v in zip(params, values): p.copy_(v)
+    self.state.clear(); self.state.update(state)
+    for m, global_state, own in modules:
+        m.global_state.clear(); m.global_state.update(global_state)
+        m._own_state.clear(); m._own_state.update(own)
+
 @torch.no_grad()
 def _step(self: Modular, closure: Callable | None = None):
     "One step; `closure(backward=True)` (or torch's `closure()`) evaluates the loss. Returns the closure's first loss"
@@ -239,11 +292,19 @@ def _step(self: Modular, closure: Callable | None = None):
     var = _start(self, closure)
     counted = var.closure                          # kept: a module (FDM, SPSA) may replace var.closure
     if closure is None: self.num_evaluations += 1  # the caller's backward pass
-    if var.params:
-        if all(m.tensorwise for m in self.modules):   # one parameter at a time: one update alive at once, as a fused loop
-            for one in _split(var): _run(self, one)
-        else: _run(self, var)
-    self.current_step += 1
+    params = list(var.params)                      # before a backward pass drops any
+    saved = _snapshot(self, params) if self.skip_nonfinite and params else None
+    done = True
+    try:
+        if params:
+            if all(m.tensorwise for m in self.modules):   # one parameter at a time: one update alive at once, as a fused loop
+                for one in _split(var):
+                    if not (done := _run(self, one, check=saved is not None)): break
+            else: done = _run(self, var, check=saved is not None)
+    finally:
+        if closure is not None: counted.restore_grads()
+    if done: self.current_step += 1
+    else: _restore(self, params, saved); self.skipped_steps += 1
     return counted.first_loss if closure is not None else None
 
 Modular._start, Modular.step = _start, _step
