@@ -525,3 +525,183 @@ def test_fastai_fit_one_cycle_schedules_lr_and_beta1(tmp_path):
     for a, b in pairs:
         sa, sb = learn.opt.opt.state[a]['0.Adam'], fresh.opt.opt.state[b]['0.Adam']
         assert sa['step'] == sb['step'] > 0 and torch.equal(sa['exp_avg'], sb['exp_avg'])
+
+
+# %% maximize and skip_nonfinite (LabOptimizer's keywords; torchzero 0.4.4's Optimizer has neither)
+
+def concave(ps: list[Tensor]) -> Tensor:
+    "A smooth concave function of several tensors, maximum near 1 (a) and -0.5 (b): what maximize=True climbs"
+    a, b = ps
+    return -(2 * (a - 1).pow(2).sum() + ((b + 0.5).pow(2) * torch.arange(1.0, 4.0, dtype=b.dtype)).sum()) \
+        + 0.1 * a.sin().sum() - 0.05 * (a ** 4).sum()
+
+
+def climb(make_opt, sign=1.0, steps=12, style='tz', dtype=torch.float64):
+    """Parameters and p.grad after each step of an optimizer on sign·concave; style 'tz': closure(backward),
+    'torch': torch.optim's closure(), 'none': backward by the caller, then step()"""
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(2, 2, generator=g, dtype=dtype).requires_grad_(), torch.randn(3, generator=g, dtype=dtype).requires_grad_()]
+    opt, out, losses = make_opt(ps), [], []
+    def closure(backward=True):
+        loss = sign * concave(ps)
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+    for _ in range(steps):
+        if style == 'none':
+            closure(True)
+            opt.step()
+        else:
+            loss = opt.step(closure if style == 'tz' else lambda: closure(True))
+            losses.append(loss.item())
+        out.append(([p.detach().clone() for p in ps], [None if p.grad is None else p.grad.clone() for p in ps]))
+    return out, losses
+
+
+MAXIMIZE_CHAINS = {
+    'Adam-LR': lambda: (m.Adam(), m.LR(0.05)),
+    'ClipNorm-Adam-LR': lambda: (m.ClipNorm(1.0), m.Adam(), m.LR(0.05)),
+    'LBFGS-StrongWolfe': lambda: (m.LBFGS(), m.StrongWolfe()),
+    'Backtracking': lambda: (m.HeavyBall(0.5), m.Backtracking()),
+    'Newton': lambda: (m.Newton(),),
+    'TrustCG-Newton': lambda: (m.TrustCG(m.Newton()),),
+}
+
+
+@pytest.mark.parametrize('style', ['tz', 'torch', 'none'])
+@pytest.mark.parametrize('name', list(MAXIMIZE_CHAINS))
+def test_maximize_f_is_minimising_minus_f_step_for_step(name, style):
+    "maximize=True on f against the same chain on -f (the reference: no maximize code runs there): bit-equal"
+    if style == 'none' and name not in ('Adam-LR', 'ClipNorm-Adam-LR'): pytest.skip('this chain needs a closure')
+    if style == 'torch' and 'Newton' in name: pytest.skip("a Newton module needs the closure's backward argument")
+    mods = MAXIMIZE_CHAINS[name]
+    up, f_up = climb(lambda ps: Modular(ps, *mods(), maximize=True), style=style)
+    down, f_down = climb(lambda ps: Modular(ps, *mods()), sign=-1.0, style=style)
+    for t, ((pu, gu), (pd, gd)) in enumerate(zip(up, down)):
+        assert all(torch.equal(x, y) for x, y in zip(pu, pd)), f'{name}: step {t + 1}'
+        # the caller's p.grad is the gradient of f after a maximizing step (the chain negated it only inside the step)
+        assert all(x is y is None or torch.equal(x, -y) for x, y in zip(gu, gd)), f'{name}: p.grad after step {t + 1}'
+    assert f_up == [-x for x in f_down]                       # step(closure) returns the closure's own f
+    if style != 'none': assert f_up[-1] > f_up[0]             # it climbed
+
+
+@pytest.mark.parametrize('style', ['tz', 'none'])
+def test_maximize_against_torch_optim(style):
+    "[Adam, LR] and [HeavyBall, LR] ascending, against torch.optim's own maximize=True, float64"
+    for ours, ref in [(lambda ps: Modular(ps, m.Adam(beta2=0.99), m.LR(0.05), maximize=True),
+                       lambda ps: torch.optim.Adam(ps, lr=0.05, betas=(0.9, 0.99), maximize=True)),
+                      (lambda ps: Modular(ps, m.HeavyBall(momentum=0.9, ema_init='zeros'), m.LR(0.01), maximize=True),
+                       lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, maximize=True))]:
+        a, _ = climb(ours, style=style, steps=30)
+        b, _ = climb(ref, style=style, steps=30)
+        for (pa, _), (pb, _) in zip(a, b):
+            for x, y in zip(pa, pb): torch.testing.assert_close(x, y, rtol=0, atol=1e-12)   # float64 rounding of the same sums
+
+
+def test_maximize_and_skip_nonfinite_are_checked():
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match='maximize=1 is outside the allowed range'): Modular([p], m.LR(0.1), maximize=1)
+    with pytest.raises(ValueError, match="skip_nonfinite='yes' is outside"): Modular([p], m.LR(0.1), skip_nonfinite='yes')
+    with pytest.raises(ValueError, match='maximize is a setting of the whole chain'):
+        Modular([{'params': [p], 'maximize': True}], m.LR(0.1))
+    opt = Modular([p], m.LR(0.1))
+    assert not opt.maximize and not opt.skip_nonfinite and opt.skipped_steps == 0
+
+
+def same(x, y) -> bool:
+    "Bit-equal tensors, equal numbers, in the same nesting of dicts and lists"
+    if isinstance(x, Tensor): return isinstance(y, Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+    if isinstance(x, dict): return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)): return len(x) == len(y) and all(map(same, x, y))
+    return x == y
+
+
+class Blowup(Module):
+    "A module that makes the update inf on one entry at a chosen step (a finite gradient, a non-finite update)"
+    tensorwise = True
+    def __init__(self, at: int): super().__init__(dict(at=at))
+    def step(self, var):
+        if var.modular.current_step == self.defaults['at']: var.get_update()[-1].view(-1)[0] = math.inf
+        return var
+
+
+SKIP_CHAINS = {
+    'Adam-LR': lambda: (m.Adam(), m.LR(0.1)),                        # tensor-wise: the chain runs one parameter at a time
+    'ClipNorm-Adam-LR': lambda: (m.ClipNorm(1.0), m.Adam(), m.LR(0.1)),  # a global module: all parameters at once
+    'Adam-Blowup-LR': lambda: (m.Adam(), Blowup(at=3), m.LR(0.1)),
+    'LBFGS-Backtracking': lambda: (m.LBFGS(), m.Backtracking()),     # the line search moves the parameters itself
+}
+
+
+def skip_run(mods, steps, plant=None, closure=False):
+    """Parameters after `steps` (a list of step ids) of `Modular(..., skip_nonfinite=True)` on a gradient field; at step
+    `plant` a nan goes into one gradient entry. Checks, independently of the chain's snapshot, that the planted step left
+    the parameters and everything state_dict holds bit-equal. Returns the parameters and the optimizer"""
+    g0 = torch.Generator().manual_seed(1)
+    ps = [torch.randn(3, 2, generator=g0, dtype=torch.float64).requires_grad_(),
+          torch.randn(5, generator=g0, dtype=torch.float64).requires_grad_()]
+    opt = Modular(ps, *mods(), skip_nonfinite=True)
+    for i in steps:
+        def grads():
+            gs = [torch.sin(p.detach() * 0.7 + j + 0.1 * i) + p.detach() for j, p in enumerate(ps)]   # roughly a quadratic's
+            if i == plant: gs[1][2] = math.nan
+            return gs
+        def loss_closure(backward=True):   # the loss a line search compares: half the squared norm; the gradient: grads()
+            gs = grads()
+            loss = sum((p.detach() ** 2).sum() / 2 for p in ps)
+            if backward:
+                for p, g in zip(ps, gs): p.grad = g.clone()
+            return loss
+        before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in ps]
+        if closure: opt.step(loss_closure)
+        else:
+            for p, g in zip(ps, grads()): p.grad = g
+            opt.step()
+        if i == plant:
+            after = opt.state_dict()
+            assert all(torch.equal(a, p) for a, p in zip(before[1], ps)), 'parameters moved'
+            assert all(same(before[0][k], after[k]) for k in ('state', 'global_state', 'current_step')), 'state changed'
+    return torch.cat([p.detach().flatten() for p in ps]), opt
+
+
+@pytest.mark.parametrize('name', ['Adam-LR', 'ClipNorm-Adam-LR'])
+def test_skip_nonfinite_planted_nan_gradient(name):
+    "A nan gradient: parameters and module state (Adam's moments) bit-equal across it; the run then equals one without it"
+    planted, opt = skip_run(SKIP_CHAINS[name], [0, 1, 2, 99, 3, 4], plant=99)
+    clean, ref = skip_run(SKIP_CHAINS[name], [0, 1, 2, 3, 4])
+    assert torch.equal(planted, clean) and opt.skipped_steps == 1 and ref.skipped_steps == 0
+    assert opt.current_step == ref.current_step == 5
+    # the first step skipped: no state is created at all
+    _, first = skip_run(SKIP_CHAINS[name], [99], plant=99)
+    assert not any(first.state.values()) and first.skipped_steps == 1
+
+
+def test_skip_nonfinite_nonfinite_update_from_finite_gradient():
+    "Blowup makes the update inf at step 3 (from a finite gradient): Adam's moments, already updated, are put back"
+    g0 = torch.Generator().manual_seed(1)
+    ps = [torch.randn(3, 2, generator=g0).requires_grad_(), torch.randn(5, generator=g0).requires_grad_()]
+    opt = Modular(ps, m.Adam(), Blowup(at=3), m.LR(0.1), skip_nonfinite=True)
+    ref = [p.detach().clone().requires_grad_() for p in ps]
+    ref_opt = torch.optim.Adam(ref, lr=0.1)     # an independent Adam that never sees the skipped step
+    for i in range(6):
+        for p, r in zip(ps, ref): p.grad = torch.cos(p.detach() + i); r.grad = torch.cos(r.detach() + i)
+        saved, values = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in ps]
+        opt.step()
+        if i == 3:
+            assert opt.skipped_steps == 1 and all(torch.equal(v, p) for v, p in zip(values, ps))
+            assert same(saved['state'], opt.state_dict()['state'])
+            opt.modules[1].defaults['at'] = -1   # no more blow-ups; step 3's gradient is dropped from the reference too
+            continue
+        ref_opt.step()
+    for p, r in zip(ps, ref): torch.testing.assert_close(p, r, rtol=0, atol=1e-6)   # float32 rounding of the same Adam
+
+
+def test_skip_nonfinite_line_search_global_state_put_back():
+    """LBFGS + Backtracking with a closure (the line search moves the parameters itself): a nan gradient at step 3 has
+    already changed L-BFGS's history (its global state) when the check runs; it is put back, so the run goes on as one
+    without that step (the parameters a tensor-wise chain has already moved are put back in the tests above)"""
+    planted, opt = skip_run(SKIP_CHAINS['LBFGS-Backtracking'], [0, 1, 99, 2, 3], plant=99, closure=True)
+    clean, ref = skip_run(SKIP_CHAINS['LBFGS-Backtracking'], [0, 1, 2, 3], closure=True)
+    assert torch.equal(planted, clean) and opt.skipped_steps == 1
+    assert opt.num_evaluations > ref.num_evaluations           # the skipped step's evaluations are counted
