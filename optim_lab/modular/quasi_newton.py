@@ -11,37 +11,14 @@ from torch import Tensor
 
 from ..core import check_hypers, Flag, IntRange, OneOf
 from .chain import Module, Var
-from .second_order import (QuasiNewton, LBFGS, bfgs_update_, bfgs_inverse_update_, initial_step_size,
+from .second_order import (QuasiNewton, LBFGS, secant_update_, broyden_class_inverse_update_, initial_step_size,
                                             _flatten, _unflatten_, _dot, _no_inner, _away_from_zero)
 
 # %% auto #0
-__all__ = ['ColumnUpdatingMethod', 'secant_update_', 'broyden_class_inverse_update_', 'SecantUpdate', 'InverseSecantUpdate',
-           'DFP', 'BroydenGood', 'BroydenBad', 'PSB', 'McCormick', 'Pearson', 'Greenstadt1', 'Greenstadt2', 'ICUM',
-           'ThomasOptimalMethod', 'FletcherVMM', 'Horisho', 'ssvm_parameters', 'SSVM', 'ProjectedNewtonRaphson',
-           'gradient_correction', 'GradientCorrection', 'lsr1_two_loop', 'LSR1', 'Online', 'OnlineLBFGS', 'gradient_at',
-           'observe_previous_point']
-
-# %% ../../nbs/85_quasi_newton.ipynb #2b5ef9d6
-def secant_update_(M: Tensor,               # H (or B), updated in place
-                   s: Tensor, y: Tensor,    # the pair; for B pass (y, s): B s = y is H y = s with the roles swapped
-                   c: Tensor,               # the vector the correction is built on; ⟨c, y⟩ must not vanish
-                   symmetric: bool = False) -> Tensor:
-    "M ← M + r cᵀ/⟨c, y⟩ (rank one) or M + (r cᵀ + c rᵀ)/⟨c, y⟩ − ⟨r, y⟩ c cᵀ/⟨c, y⟩² (symmetric rank two), r = s − M y; then M y = s"
-    r = s - M @ y
-    cy = _away_from_zero(c.dot(y))
-    if not symmetric: return M.add_(torch.outer(r, c).div_(cy))
-    M.add_((torch.outer(r, c) + torch.outer(c, r)).div_(cy))
-    return M.sub_(torch.outer(c, c).mul_(r.dot(y) / cy ** 2))
-
-def broyden_class_inverse_update_(H: Tensor, s: Tensor, y: Tensor,
-                                  theta,                # 0: DFP, 1: BFGS
-                                  scale=1.0) -> Tensor: # γ, the self-scaling of the old information (1: none)
-    "H ← γ·(H − H y yᵀH/yᵀHy + θ·yᵀHy·v vᵀ) + s sᵀ/sᵀy with v = s/sᵀy − H y/yᵀHy; then H y = s"
-    Hy = H @ y
-    sy, yHy = s.dot(y), _away_from_zero(y.dot(Hy))
-    v = s / sy - Hy / yHy
-    H.sub_(torch.outer(Hy, Hy).div_(yHy)).add_(torch.outer(v, v).mul_(theta * yHy))
-    return H.mul_(scale).add_(torch.outer(s, s).div_(sy))
+__all__ = ['ColumnUpdatingMethod', 'SecantUpdate', 'InverseSecantUpdate', 'DFP', 'BroydenGood', 'BroydenBad', 'PSB', 'McCormick',
+           'Pearson', 'Greenstadt1', 'Greenstadt2', 'ICUM', 'ThomasOptimalMethod', 'FletcherVMM', 'Horisho',
+           'ssvm_parameters', 'SSVM', 'ProjectedNewtonRaphson', 'gradient_correction', 'GradientCorrection',
+           'lsr1_two_loop', 'LSR1', 'Online', 'OnlineLBFGS', 'gradient_at', 'observe_previous_point']
 
 # %% ../../nbs/85_quasi_newton.ipynb #5fe7ffe2
 class SecantUpdate(QuasiNewton):
@@ -74,13 +51,13 @@ class InverseSecantUpdate(SecantUpdate):
 
 # %% ../../nbs/85_quasi_newton.ipynb #88f5bfa0
 class DFP(SecantUpdate):
-    "Davidon–Fletcher–Powell: BFGS's formulas with s and y swapped (H ← H − HyyᵀH/yᵀHy + ssᵀ/sᵀy)"
+    "Davidon–Fletcher–Powell: the Broyden-class member θ = 0 on H (H ← H − HyyᵀH/yᵀHy + ssᵀ/sᵀy), the symmetric secant update along c = y on B"
     def update_H(self, H, s, y, tol):
         if s.dot(y).abs() <= tol: return H
-        return bfgs_update_(H, y, s, tol=-float('inf'))
+        return broyden_class_inverse_update_(H, s, y, 0)
     def update_B(self, B, s, y, tol):
         if s.dot(y).abs() <= tol: return B
-        return bfgs_inverse_update_(B, y, s, tol=-float('inf'))  # B ← (I − ρ y sᵀ) B (I − ρ s yᵀ) + ρ y yᵀ
+        return secant_update_(B, y, s, y, symmetric=True)          # B ← (I − ρ y sᵀ) B (I − ρ s yᵀ) + ρ y yᵀ
 
 class BroydenGood(SecantUpdate):
     "Broyden's 'good' method: the least change of B (in Frobenius norm) with B s = y"

@@ -16,9 +16,10 @@ from .chain import Module, Var
 
 # %% auto #0
 __all__ = ['LineSearch', 'armijo', 'backtracking_search', 'Backtracking', 'cubic_minimizer', 'strong_wolfe_search', 'StrongWolfe',
-           'PolyakStepSize', 'initial_step_size', 'bfgs_inverse_update_', 'bfgs_update_', 'sr1_update_', 'QuasiNewton',
-           'BFGS', 'SR1', 'lbfgs_two_loop', 'LBFGS', 'hessian', 'newton_solve', 'Newton', 'conjugate_gradient',
-           'fd_forward_hvp', 'NewtonCG', 'directional_derivative', 'GradApproximator', 'FDM', 'SPSA']
+           'PolyakStepSize', 'initial_step_size', 'secant_update_', 'broyden_class_inverse_update_',
+           'bfgs_inverse_update_', 'bfgs_update_', 'sr1_update_', 'QuasiNewton', 'BFGS', 'SR1', 'lbfgs_two_loop',
+           'LBFGS', 'hessian', 'newton_solve', 'Newton', 'conjugate_gradient', 'fd_forward_hvp', 'NewtonCG',
+           'directional_derivative', 'GradApproximator', 'FDM', 'SPSA']
 
 # %% ../../nbs/62_second_order.ipynb #932580c0
 def _flatten(ts: list[Tensor]) -> Tensor:
@@ -329,7 +330,7 @@ def initial_step_size(u: list[Tensor], eps: float | None = None) -> float:
     return min(max(1 / total, lower), 1.0)
 
 def _whole(x: Tensor) -> Tensor:
-    "A reduction's value over the whole tensor: on a `DTensor` the sum of the shards' partial results (`float` would read this rank's)"
+    "The whole tensor: a sharded `DTensor` (or a reduction over one, whose shards hold partial results) gathered; anything else as it is"
     return x.full_tensor() if isinstance(x, DTensor) else x
 
 def _max_abs(t: Tensor) -> Tensor:
@@ -342,34 +343,64 @@ def _max_abs(t: Tensor) -> Tensor:
     return t.abs().max() if t.numel() else t.new_zeros(())
 
 # %% ../../nbs/62_second_order.ipynb #558f65e8
+def secant_update_(M: Tensor,               # H (or B), updated in place
+                   s: Tensor, y: Tensor,    # the pair; for B pass (y, s): B s = y is H y = s with the roles swapped
+                   c: Tensor,               # the vector the correction is built on; ⟨c, y⟩ must not vanish
+                   symmetric: bool = False) -> Tensor:
+    "M ← M + r cᵀ/⟨c, y⟩ (rank one) or M + (r cᵀ + c rᵀ)/⟨c, y⟩ − ⟨r, y⟩ c cᵀ/⟨c, y⟩² (symmetric rank two), r = s − M y; then M y = s"
+    r = s - M @ y
+    cy = _away_from_zero(c.dot(y))
+    if not symmetric: return M.add_(torch.outer(r, c).div_(cy))
+    M.add_((torch.outer(r, c) + torch.outer(c, r)).div_(cy))
+    return M.sub_(torch.outer(c, c).mul_(r.dot(y) / cy ** 2))
+
+def broyden_class_inverse_update_(H: Tensor, s: Tensor, y: Tensor,
+                                  theta,                # 0: DFP, 1: BFGS
+                                  scale=1.0) -> Tensor: # γ, the self-scaling of the old information (1: none)
+    "H ← γ·(H − H y yᵀH/yᵀHy + θ·yᵀHy·v vᵀ) + s sᵀ/sᵀy with v = s/sᵀy − H y/yᵀHy; then H y = s"
+    Hy = H @ y
+    sy, yHy = s.dot(y), _away_from_zero(y.dot(Hy))
+    H.sub_(torch.outer(Hy, Hy).div_(yHy))
+    if not (isinstance(theta, (int, float)) and theta == 0):   # θ = 0 adds nothing
+        v = s / sy - Hy / yHy
+        H.add_(torch.outer(v, v).mul_(theta * yHy))
+    return H.mul_(scale).add_(torch.outer(s, s).div_(sy))
+
 def bfgs_inverse_update_(H: Tensor, s: Tensor, y: Tensor, tol: float = 1e-32) -> Tensor:
-    "H ← (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ with ρ = 1/⟨s, y⟩, in place; skipped when ⟨s, y⟩ ≤ tol"
-    sy = s.dot(y)
-    if sy <= tol: return H
-    rho, Hy = 1 / sy, H @ y
-    H.add_(torch.outer(s, s), alpha=float(rho * (1 + rho * y.dot(Hy))))
-    H.sub_((torch.outer(Hy, s) + torch.outer(s, Hy)) * rho)
-    return H
+    "BFGS on H (N&W eq. 6.17): the symmetric secant update along c = s, in place; skipped when ⟨s, y⟩ ≤ tol"
+    if s.dot(y) <= tol: return H
+    return secant_update_(H, s, y, s, symmetric=True)
 
 def bfgs_update_(B: Tensor, s: Tensor, y: Tensor, tol: float = 1e-32) -> Tensor:
-    "B ← B − (B s sᵀ B)/(sᵀ B s) + y yᵀ/⟨s, y⟩, in place; skipped when ⟨s, y⟩ < tol"
-    sy = s.dot(y)
-    if sy < tol: return B
-    Bs = B @ s
-    B.add_(torch.outer(y, y) / sy).sub_(torch.outer(Bs, Bs) / _away_from_zero(s.dot(Bs)))
-    return B
+    """BFGS on B (N&W eq. 6.19), B ← B − (B s sᵀ B)/(sᵀ B s) + y yᵀ/⟨s, y⟩, in place: the Broyden-class member θ = 0 with
+    the roles of s and y swapped (B s = y is H y = s); skipped when ⟨s, y⟩ < tol"""
+    if s.dot(y) < tol: return B
+    return broyden_class_inverse_update_(B, y, s, 0)
 
 def sr1_update_(H: Tensor, s: Tensor, y: Tensor, tol: float = 1e-32) -> Tensor:
-    "H ← H + z zᵀ/⟨z, y⟩ with z = s − H y, in place; skipped when |⟨z, y⟩| ≤ tol·‖z‖‖y‖ (N&W eq. 6.26)"
+    "SR1: the rank-one secant update along its own residual c = s − H y, in place; skipped when |⟨c, y⟩| ≤ tol·‖c‖‖y‖ (N&W eq. 6.26)"
     z = s - H @ y
-    zy = z.dot(y)
-    if zy.abs() <= tol * torch.linalg.vector_norm(z) * torch.linalg.vector_norm(y): return H
-    H.add_(torch.outer(z, z) / _away_from_zero(zy))
-    return H
+    if z.dot(y).abs() <= tol * torch.linalg.vector_norm(z) * torch.linalg.vector_norm(y): return H
+    return secant_update_(H, s, y, z)
 
 def _away_from_zero(x: Tensor) -> Tensor:
     tiny = torch.finfo(x.dtype).tiny * 2
     return x if x.abs() >= tiny else torch.full_like(x, tiny).copysign(x)
+
+# %% ../../nbs/62_second_order.ipynb #20eb7cf7
+def _write_whole_(dst: Tensor, src: Tensor) -> Tensor:
+    "dst ← src with `src` the whole tensor: re-sharded as `dst` when `dst` is a sharded `DTensor`"
+    if isinstance(dst, DTensor):
+        from torch.distributed.tensor import distribute_tensor
+        src = distribute_tensor(src, dst.device_mesh, dst.placements)
+    return dst.copy_(src)
+
+def _unflatten_whole_(vec: Tensor, ts: list[Tensor]) -> list[Tensor]:
+    "Write the whole vector `vec` back into `ts` (in `_flatten`'s order), each a plain tensor or a sharded `DTensor`"
+    i = 0
+    for t in ts:
+        _write_whole_(t, vec[i:i + t.numel()].view(t.shape)); i += t.numel()   # a DTensor's numel and shape are the whole tensor's
+    return ts
 
 # %% ../../nbs/62_second_order.ipynb #0e9fb77b
 class _OrAuto:
@@ -419,8 +450,8 @@ class QuasiNewton(Module):
         gs['calls'] = gs.get('calls', 0) + 1
         for idx, st in self._blocks(var):
             ub = [u[i] for i in idx]
-            g = _flatten(ub)
-            if update_now: self._update(st, _flatten([var.params[i] for i in idx]), g)
+            g = _flatten([_whole(t) for t in ub])                       # the whole vectors, also from sharded DTensors
+            if update_now: self._update(st, _flatten([_whole(var.params[i]) for i in idx]), g)
             if s['scale_first'] and st['step'] == 1: g = g * initial_step_size([g])   # not in place: g is also g_prev
             if s['inverse']: d, ok = st['M'] @ g, True
             else:
@@ -429,7 +460,7 @@ class QuasiNewton(Module):
             if not ok or (s['safeguard'] and d.dot(g) <= 0 < g.dot(g)):   # singular B, or an ascent direction
                 self._reset(st, g); d = g * initial_step_size([g])
                 st['resets'] = st.get('resets', 0) + 1                    # how often the learned curvature was dropped
-            _unflatten_(d, ub)
+            _unflatten_whole_(d, ub)
         return var
 
     def _reset(self, st, g):
