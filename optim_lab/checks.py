@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['GradFn', 'noisy_quadratic', 'run_optimizer', 'max_deviation', 'reference_check', 'assert_reference', 'peer_check']
+__all__ = ['GradFn', 'noisy_quadratic', 'run_optimizer', 'max_deviation', 'reference_check', 'assert_reference',
+           'rotated_quadratic', 'peer_check']
 
 # %% ../nbs/04_checks.ipynb #17c1a8e4
 GradFn = Callable[[Tensor, int], Tensor]  # (theta_{t-1}, t) -> g_t
@@ -47,11 +48,13 @@ def max_deviation(a: list[Tensor], b: list[Tensor]) -> float:
 
 # %% ../nbs/04_checks.ipynb #17da244c
 def reference_check(opt_cls, reference: Callable, steps: int = 50, shapes=((7,), (4, 5)), seed: int = 0,
-                    noise: float = 1.0, **hypers) -> float:
+                    noise: float = 1.0,
+                    problem: Callable = noisy_quadratic,  # (shape, steps, seed, noise) -> (theta0, grad_fn): `rotated_quadratic` below
+                    **hypers) -> float:
     "Largest deviation between `opt_cls(**hypers)` and `reference(theta0, grad_fn, steps, **hypers)`, both float64"
     worst = 0.0
     for i, shape in enumerate(shapes):
-        theta0, grad_fn = noisy_quadratic(shape, steps, seed + i, noise)
+        theta0, grad_fn = problem(shape, steps, seed + i, noise)
         ours = run_optimizer(lambda ps: opt_cls(ps, **hypers), theta0, grad_fn, steps)
         theirs = reference(theta0.clone(), grad_fn, steps, **hypers)
         for side, its in (('the optimizer', ours), ('the reference', theirs)):
@@ -67,6 +70,24 @@ def assert_reference(opt_cls, reference: Callable, tol: float = 1e-12, **kwargs)
     name = getattr(opt_cls, '__name__', repr(opt_cls))
     if not dev <= tol: raise AssertionError(f"{name} deviates from its reference by {dev:.3g} (tolerance {tol:g})")
     return dev
+
+# %% ../nbs/04_checks.ipynb #acf7ea7c
+def rotated_quadratic(shape, steps: int, seed: int = 0, noise: float = 1.0, dtype=torch.float64, condition: float = 100.0):
+    """`noisy_quadratic`'s start point and noise with the Hessian A = Q Λ Qᵀ over the flattened parameter:
+    g_t = A theta + noise_t, Λ log-spaced from 1 to 1/`condition`, Q a rotation fixed by `seed`"""
+    theta0, plain = noisy_quadratic(shape, steps, seed, noise, dtype)
+    zero = torch.zeros(shape, dtype=torch.float64)
+    xi = [plain(zero, t) for t in range(1, steps + 1)]        # noisy_quadratic's g_t at theta = 0 is its noise
+    n = zero.numel()
+    gen = torch.Generator().manual_seed(1_000_003 + seed)      # a stream apart from the one theta0 and the noise come from
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))                      # the signs that make Q uniformly distributed
+    A = (q * torch.logspace(0, -math.log10(condition), n, dtype=torch.float64)) @ q.T
+    A = (A + A.T) / 2
+    def grad_fn(theta: Tensor, t: int) -> Tensor:
+        return (A @ theta.to(torch.float64).reshape(-1)).reshape(shape) + xi[t - 1]
+    grad_fn.hessian = A
+    return theta0, grad_fn
 
 # %% ../nbs/04_checks.ipynb #e5ec23bf
 def peer_check(opt_factory: Callable, peer_factory: Callable, steps: int = 100, shapes=((7,), (4, 5), (3, 2, 2)),
