@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..core import check_hypers, OneOf, Positive, PositiveInt, Flag
 from .chain import Var
+from ..distributed import local_shard_like
 from .second_order import GradApproximator, directional_derivative, _along, _FORMULAS, _TARGETS
 
 # %% auto #0
@@ -23,17 +24,19 @@ _DISTRIBUTIONS = OneOf(('normal', 'gaussian', 'uniform', 'sphere', 'rademacher')
 def random_direction(params: list[Tensor],               # the shapes, dtypes and devices to draw for
                      distribution: str = 'gaussian',     # one of _DISTRIBUTIONS
                      generator: torch.Generator | None = None) -> list[Tensor]:
-    "One random direction u with E[u uᵀ] = I, one tensor per parameter, drawn parameter after parameter"
+    """One random direction u with E[u uᵀ] = I, one tensor per parameter, drawn parameter after parameter on the whole
+    shape; an FSDP2-sharded parameter (a `DTensor`) gets its rank's slice of that draw, so shards draw what one process draws"""
+    shape = lambda p: dict(size=p.shape, dtype=p.dtype, device=p.device)
     if distribution in ('normal', 'gaussian', 'sphere'):
-        u = [torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device) for p in params]
+        u = [torch.randn(**shape(p), generator=generator) for p in params]
         if distribution == 'sphere':                     # the sphere of radius √n, so that E[u uᵀ] = I still
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in u]))
             n = sum(p.numel() for p in params)
             u = [t.mul_(math.sqrt(n) / norm) for t in u]
-        return u
-    if distribution == 'uniform':                        # U(−√3, √3): unit variance
-        return [torch.empty_like(p).uniform_(-math.sqrt(3), math.sqrt(3), generator=generator) for p in params]
-    return [torch.bernoulli(torch.full_like(p, 0.5), generator=generator).mul_(2).sub_(1) for p in params]  # ±1
+    elif distribution == 'uniform':                      # U(−√3, √3): unit variance
+        u = [torch.empty(**shape(p)).uniform_(-math.sqrt(3), math.sqrt(3), generator=generator) for p in params]
+    else: u = [torch.bernoulli(torch.full(fill_value=0.5, **shape(p)), generator=generator).mul_(2).sub_(1) for p in params]  # ±1
+    return [local_shard_like(t, p) for t, p in zip(u, params)]
 
 def _check_seed(owner: str, seed):
     if not (seed is None or isinstance(seed, torch.Generator) or (isinstance(seed, int) and not isinstance(seed, bool))):

@@ -13,9 +13,10 @@ from torch import Tensor
 from ..core import check_hypers, Range, OneOf, NonNegative, Positive, Flag, IntRange, RangeOrNone
 from .chain import Module, Var
 from .second_order import _flatten, _unflatten_, _loss_and_grad_graph, fd_forward_hvp
-from .ops import _as_chain, _run_chain
+from .ops import _as_chain, _run_chain, _flat, _unflat
+from ..distributed import full_tensor, local_shard_like
 from ..optimizers.shampoo import matrix_inverse_root
-from ..optimizers.adahessian import hutchinson_diagonal
+from ..optimizers.adahessian import hutchinson_diagonal, probe_vectors
 
 # %% auto #0
 __all__ = ['nystrom_approximation', 'regularize_eigenpairs', 'nystrom_sketch_and_solve', 'nystrom_pcg', 'NystromSketchAndSolve',
@@ -80,10 +81,29 @@ def nystrom_pcg(L: Tensor, Q: Tensor, A, b: Tensor, reg: float, tol: float | Non
         d = z + (r.dot(z) / rz) * d
     return x
 
+# %% ../../nbs/87_sketches.ipynb #11a4dee5
+def _whole(t: Tensor) -> Tensor:
+    "The whole tensor: a sharded `DTensor` (FSDP2) gathered (chapter 06's `full_tensor`), anything else as it is"
+    return full_tensor(t)
+
+def _write_whole_(dst: Tensor, src: Tensor):
+    "dst ← src, with `src` the whole tensor (the same on every rank): this rank's slice when `dst` is a `DTensor`"
+    dst.copy_(local_shard_like(src, dst))
+
+def _unflatten_whole_(vec: Tensor, ts: list[Tensor]) -> list[Tensor]:
+    "Write the whole vector `vec` (ops' `_flat` order) into the tensors `ts` in place, each rank its slice of a `DTensor`"
+    for t, x in zip(ts, _unflat(vec, ts)): t.copy_(x)
+    return ts
+
+def _sharded(ts: list[Tensor]) -> bool:
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(t, DTensor) for t in ts)
+
 # %% ../../nbs/87_sketches.ipynb #8228a8fd
 def _hvp_matrix(var: Var, V: Tensor, method: str, h: float) -> Tensor:
     "H V for the columns of V (n × k): batched autograd, one autograd product per column, or finite differences of gradients"
     if method in ('fd_forward', 'fd_central'):
+        if _sharded(var.params): raise NotImplementedError(f"hvp_method={method!r} is not offered on sharded (DTensor) parameters; use 'batched_autograd' or 'autograd'")
         g0 = _flatten(var.get_grad())
         cols = []
         for v in V.mT:
@@ -91,12 +111,12 @@ def _hvp_matrix(var: Var, V: Tensor, method: str, h: float) -> Tensor:
             else: cols.append((fd_forward_hvp(var.closure, var.params, g0, v, h) + fd_forward_hvp(var.closure, var.params, g0, v, -h)) / 2)
         return torch.stack(cols, 1)
     _, grads = _loss_and_grad_graph(var)
-    with torch.enable_grad(): g = _flatten(grads)
+    with torch.enable_grad(): g = _flat(grads)        # whole gradients (gathered on shards), graph kept
     if not g.requires_grad: return torch.zeros_like(V)
-    if method == 'batched_autograd':
+    if method == 'batched_autograd' and not _sharded(var.params):   # vmap does not run on DTensors: one product per column
         rows = torch.autograd.grad(g, var.params, V.mT, is_grads_batched=True, retain_graph=True, allow_unused=True, materialize_grads=True)
         return torch.cat([r.reshape(V.shape[1], -1) for r in rows], 1).mT
-    return torch.stack([_flatten(torch.autograd.grad(g, var.params, v, retain_graph=True, allow_unused=True, materialize_grads=True))
+    return torch.stack([_flat(torch.autograd.grad(g, var.params, v, retain_graph=True, allow_unused=True, materialize_grads=True))
                         for v in V.mT], 1)
 
 def _hvp_function(var: Var, method: str, h: float):
@@ -158,7 +178,7 @@ class NystromSketchAndSolve(Module):
             if L is not None: gs['L'], gs['Q'] = L, Q
         if 'L' not in gs: return var                   # no usable sketch yet: the update passes through
         u = var.get_update()
-        _unflatten_(nystrom_sketch_and_solve(gs['L'], gs['Q'], _flatten(u), s['reg']), u)
+        _unflatten_whole_(nystrom_sketch_and_solve(gs['L'], gs['Q'], _flat(u), s['reg']), u)
         return var
 
 # %% ../../nbs/87_sketches.ipynb #0964a7af
@@ -193,22 +213,11 @@ class NystromPCG(Module):
             if L is not None: gs['L'], gs['Q'] = L, Q
         Hv = _hvp_function(var, s['hvp_method'], s['h'])
         u = var.get_update()
-        b = _flatten(u)
+        b = _flat(u)
         L, Q = (gs['L'], gs['Q']) if 'L' in gs else (b.new_zeros(0), b.new_zeros(len(b), 0))   # no sketch: plain CG
         x = nystrom_pcg(L, Q, Hv, b, s['reg'], s['tol'], s['maxiter'])
-        _unflatten_(x, u)
+        _unflatten_whole_(x, u)
         return var
-
-# %% ../../nbs/87_sketches.ipynb #b027cf85
-def _whole(t: Tensor) -> Tensor:
-    "The whole tensor: a sharded `DTensor` (FSDP2) gathered, anything else as it is. A full-matrix preconditioner mixes all entries"
-    from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-def _write_whole_(dst: Tensor, src: Tensor):
-    "dst ← src, with `src` the whole tensor: re-sharded as `dst` when `dst` is a `DTensor`"
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    dst.copy_(distribute_tensor(src, dst.device_mesh, dst.placements) if isinstance(dst, DTensor) else src)
 
 # %% ../../nbs/87_sketches.ipynb #d9558961
 def matrix_power(A: Tensor, power: float) -> Tensor:
@@ -382,6 +391,18 @@ class Shampoo(Module):
         for p, gi, ui in zip(var.params, g, u): _write_whole_(ui, self._precondition(p, _whole(gi), _whole(ui)))
         return var
 
+# %% ../../nbs/87_sketches.ipynb #5e8ceb98
+def _hutchinson_whole_probes(params: list[Tensor], grads: list[Tensor], n_samples: int, distribution: str, generator) -> list[Tensor]:
+    """Chapter 26's `hutchinson_diagonal` on FSDP2-sharded parameters: each probe z is drawn on the whole shape (26's
+    `probe_vectors`, so the draws are one process's) and sharded like its parameter before the product Hz"""
+    D = [torch.zeros_like(p) for p in params]
+    for k in range(n_samples):
+        zs = [local_shard_like(z, p) for z, p in zip(probe_vectors(params, distribution, generator), params)]
+        with torch.enable_grad():
+            hzs = torch.autograd.grad(grads, params, zs, retain_graph=k < n_samples - 1, allow_unused=True, materialize_grads=True)
+        for d, z, hz in zip(D, zs, hzs): d.addcmul_(z, hz, value=1 / n_samples)
+    return D
+
 # %% ../../nbs/87_sketches.ipynb #ced73290
 class SophiaH(Module):
     """SophiaH as a module (Liu et al. 2023): u ← clip(m / max(ρ·h, ε), −clip, clip) with m an EMA of the update and h an
@@ -422,7 +443,7 @@ class SophiaH(Module):
             _, grads = _loss_and_grad_graph(var)
             gen = _generator(self, var.params[0].device, s['seed'])
             dist = 'gaussian' if s['distribution'] == 'normal' else s['distribution']
-            D = hutchinson_diagonal(var.params, grads, s['n_samples'], dist, gen)
+            D = (hutchinson_diagonal if not _sharded(var.params) else _hutchinson_whole_probes)(var.params, grads, s['n_samples'], dist, gen)
             if gen is not None: gs['rng_state'] = gen.get_state()
             gs['estimates'] = gs.get('estimates', 0) + 1
             for p, d in zip(var.params, D):

@@ -13,6 +13,8 @@ from torch import Tensor
 from ..core import check_hypers, Range, OneOf, NonNegative, Positive, Flag, IntRange, RangeOrNone
 from .chain import Module, Var
 from .second_order import (LineSearch, Newton, QuasiNewton, hessian, _flatten, _unflatten_, _no_inner)
+from .ops import _flat, _unflat
+from .sketches import _hvp_matrix, _sharded
 
 # %% auto #0
 __all__ = ['TrustRegion', 'model_decrease', 'to_boundary', 'update_radius', 'steihaug_cg', 'dogleg_step', 'model_hessian',
@@ -85,7 +87,9 @@ def model_hessian(hess_module: Module, var: Var) -> Tensor:
     "The model's Hessian B over all parameters as one vector: `Newton`'s autograd Hessian (+ damping, mapped eigenvalues) or a quasi-Newton B"
     if isinstance(hess_module, Newton):
         s = hess_module.defaults
-        H = hessian(var, batched=s['hessian_method'] == 'batched_autograd')
+        if _sharded(var.params):   # FSDP2 shards: chapter 87's products, column by column on the whole gradients (62's Hessian flattens shards)
+            H = _hvp_matrix(var, torch.eye(sum(p.numel() for p in var.params), dtype=var.params[0].dtype), 'autograd', 0.0)
+        else: H = hessian(var, batched=s['hessian_method'] == 'batched_autograd')
         if s['damping']: H = H + s['damping'] * torch.eye(len(H), dtype=H.dtype, device=H.device)
         if any(s[k] is not None for k in ('eigval_fn', 'eigv_tol', 'truncate')):
             L, Q = torch.linalg.eigh(H)
@@ -143,13 +147,13 @@ class TrustRegionBase(Module):
         step = gs.get('step', 0); gs['step'] = step + 1
         if step % s['update_freq'] == 0 or 'H' not in gs: gs['H'] = model_hessian(self.hess_module, var)
         H, u = gs['H'], var.get_update()
-        g, f0 = _flatten(u), float(var.get_loss(False))
+        g, f0 = _flat(u), float(var.get_loss(False))   # whole vectors (gathered on FSDP2 shards)
         x0 = [p.detach().clone() for p in var.params]
         d, accepted = None, False
         for attempt in range(s['max_attempts']):
             radius = gs.get('trust_radius', s['init'])
             d = self.trust_solve(g, H, radius)
-            for p, x, di in zip(var.params, x0, _unflatten_(d, [torch.empty_like(p) for p in var.params])): p.copy_(x - di)
+            for p, x, di in zip(var.params, x0, _unflat(d, var.params)): p.copy_(x - di)
             f1 = float(var.closure(False))
             for p, x in zip(var.params, x0): p.copy_(x)
             pred = float(model_decrease(g, H, d))
@@ -161,7 +165,7 @@ class TrustRegionBase(Module):
                 gs['trust_radius'], accepted = update_radius(radius, float(torch.linalg.vector_norm(d)), rho, math.isfinite(f1),
                     s['eta'], s['nplus'], s['nminus'], s['rho_good'], s['rho_bad'], s['boundary_tol'], s['init'], g.dtype)
             if accepted: break
-        _unflatten_(d if accepted else torch.zeros_like(d), u)
+        for ui, di in zip(u, _unflat(d if accepted else torch.zeros_like(d), u)): ui.copy_(di)
         return var
 
 # %% ../../nbs/86_trust_region.ipynb #d9558961
