@@ -226,7 +226,11 @@ class EMA(Module):
                  dampening: float = 0,          # δ: the new update enters with weight 1 − δ
                  debias: bool = False,          # divide by 1 − μ^t
                  lerp: bool = True,             # the weighted average; False: the plain sum μb + u (heavy ball)
-                 ema_init: Literal['zeros', 'update'] = 'zeros'):  # b₀ = 0, or the first update (then averaged with it)
+                 ema_init: Literal['zeros', 'update'] = 'zeros',  # b₀ = 0, or the first update (then averaged with it)
+                 *, debiased: bool | None = None):  # the spelling of torchzero's README: the same as `debias`
+        if debiased is not None:
+            if debiased != debias and debias: raise ValueError(f"EMA: debias={debias!r} and debiased={debiased!r} disagree")
+            debias = debiased
         super().__init__(dict(momentum=momentum, dampening=dampening, debias=debias, lerp=lerp, ema_init=ema_init))
     def step(self, var):
         out = []
