@@ -400,6 +400,16 @@ def test_bad_arguments(make, message):
         make()
 
 
+@pytest.mark.parametrize('make, name, setting, value', [
+    (lambda: m.DFP(), 'DFP', 'ptol', 1e-3), (lambda: m.SSVM(), 'SSVM', 'switch', 1), (lambda: m.LSR1(), 'LSR1', 'history_size', 3),
+    (lambda: m.Online(m.BFGS()), 'BFGS', 'tol', 1e-3)])
+def test_a_group_override_of_a_module_wide_setting_is_refused(make, name, setting, value):
+    "The dense modules, L-SR1 and Online's module act on all parameters at once: a group's other value is refused, not ignored"
+    p = torch.nn.Parameter(torch.ones(3, dtype=DT))
+    with pytest.raises(ValueError, match=rf"{name}: {setting}={value!r} in a param group is not supported"):
+        Modular([{'params': [p], setting: value}], make(), m.Backtracking())
+
+
 def test_online_needs_a_closure():
     w = torch.zeros(3, requires_grad=True)
     opt = Modular([w], m.Online(m.LBFGS()), m.LR(0.1))

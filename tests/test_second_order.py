@@ -286,6 +286,26 @@ def test_quasi_newton_settings_checked_in_the_constructor_and_in_param_groups(na
     with pytest.raises(ValueError, match=pattern): opt.param_groups[0][setting] = value
 
 
+# The modules of chapter 62 act on all parameters at once and read their settings from the module: a group's other value
+# would be ignored, so it is refused (the module and the setting named); the module's own value is accepted.
+MODULE_WIDE = [('Backtracking', 'c', 0.5), ('StrongWolfe', 'c2', 0.5), ('BFGS', 'tol', 1e-3), ('SR1', 'init_scale', 2.0),
+               ('LBFGS', 'history_size', 3), ('Newton', 'damping', 1.0), ('NewtonCG', 'tol', 1e-3),
+               ('NewtonCG', 'npc_terminate', True)]
+
+@pytest.mark.parametrize('name, setting, value', MODULE_WIDE)
+def test_a_group_override_of_a_module_wide_setting_is_refused(name, setting, value):
+    p, q = (torch.nn.Parameter(torch.ones(3, dtype=DT)) for _ in range(2))
+    module = getattr(m, name)()
+    pattern = rf"{name}: {setting}={value!r} in a param group is not supported"
+    with pytest.raises(ValueError, match=pattern): Modular([{'params': [p], setting: value}], module)
+    opt = Modular([p], module)
+    with pytest.raises(ValueError, match=pattern): opt.add_param_group({'params': [q], setting: value})
+    assert len(opt.param_groups) == 1                                  # refused before the group was added
+    with pytest.raises(ValueError, match=pattern): opt.param_groups[0][setting] = value
+    assert opt.param_groups[0].get(setting, module.defaults[setting]) == module.defaults[setting]
+    Modular([{'params': [p], setting: module.defaults[setting]}], getattr(m, name)())   # the module's own value: accepted
+
+
 def test_quasi_newton_accepts_its_documented_values():
     for kw in (dict(init_scale='auto'), dict(init_scale=2.0), dict(restart_interval='auto'), dict(restart_interval=None),
                dict(restart_interval=5), dict(beta=None), dict(beta=0.5), dict(ptol=None, gtol=None), dict(inverse=False)):

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..core import check_hypers, Flag, IntRange, OneOf
 from .chain import Module, Var
-from .second_order import (QuasiNewton, LBFGS, secant_update_, broyden_class_inverse_update_, initial_step_size,
+from .second_order import (QuasiNewton, ModuleWide, LBFGS, secant_update_, broyden_class_inverse_update_, initial_step_size,
                                             _flatten, _unflatten_, _dot, _no_inner, _away_from_zero)
 
 # %% auto #0
@@ -236,7 +236,7 @@ def lsr1_two_loop(q: list[Tensor],              # the update to precondition, on
         if wy.abs() >= tiny: _add_scaled_(out, w, _dot(w, q) / wy)
     return out
 
-class LSR1(Module):
+class LSR1(ModuleWide):
     "Limited-memory SR1 over all parameters as one vector (torchzero's `LSR1`); pair it with a line search"
     def __init__(self,
                  history_size: int = 10,         # how many (s, y) pairs to keep

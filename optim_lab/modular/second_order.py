@@ -15,8 +15,8 @@ from ..core import check_hypers, Range, OneOf, NonNegative, Positive, Flag, IntR
 from .chain import Module, Var
 
 # %% auto #0
-__all__ = ['LineSearch', 'armijo', 'backtracking_search', 'Backtracking', 'cubic_minimizer', 'strong_wolfe_search', 'StrongWolfe',
-           'PolyakStepSize', 'initial_step_size', 'secant_update_', 'broyden_class_inverse_update_',
+__all__ = ['ModuleWide', 'LineSearch', 'armijo', 'backtracking_search', 'Backtracking', 'cubic_minimizer', 'strong_wolfe_search',
+           'StrongWolfe', 'PolyakStepSize', 'initial_step_size', 'secant_update_', 'broyden_class_inverse_update_',
            'bfgs_inverse_update_', 'bfgs_update_', 'sr1_update_', 'QuasiNewton', 'BFGS', 'SR1', 'lbfgs_two_loop',
            'LBFGS', 'hessian', 'newton_solve', 'Newton', 'conjugate_gradient', 'fd_forward_hvp', 'NewtonCG',
            'directional_derivative', 'GradApproximator', 'FDM', 'SPSA']
@@ -45,8 +45,20 @@ def _is_last(module, var) -> bool:
     modules = getattr(var.modular, 'modules', None)
     return bool(modules) and modules[-1] is module
 
+# %% ../../nbs/62_second_order.ipynb #37c9ece3
+def _same_setting(a, b) -> bool:
+    return a is b or (not isinstance(a, Tensor) and not isinstance(b, Tensor) and a == b)
+
+class ModuleWide(Module):
+    "A module whose settings apply to all parameters at once: a param group that sets one of them to another value is refused"
+    def check_setting(self, name: str, value):
+        super().check_setting(name, value)                 # the constraints first: a bad value says what is allowed
+        if name in self.defaults and not _same_setting(value, self.defaults[name]):
+            raise ValueError(f"{type(self).__name__}: {name}={value!r} in a param group is not supported: the module acts on "
+                             f"all parameters at once with its own {name}={self.defaults[name]!r}; set it in the constructor")
+
 # %% ../../nbs/62_second_order.ipynb #63924c25
-class LineSearch(Module):
+class LineSearch(ModuleWide):
     """Base of the line searches: find a step size t along `-update`, evaluating the closure at trial points.
     As the last module it leaves the parameters at the accepted point and sets `var.skip_update`; elsewhere it restores
     them and scales the update by t (torchzero's convention). Subclasses implement `search(var, ls) -> t | None`."""
@@ -409,7 +421,7 @@ class _OrAuto:
     def allows(self, x) -> bool: return (isinstance(x, str) and x == 'auto') or (self.none and x is None) or self.rule.allows(x)
     def __str__(self): return f"{self.rule}, 'auto'" + (" or None" if self.none else "")
 
-class QuasiNewton(Module):
+class QuasiNewton(ModuleWide):
     """A dense quasi-Newton method: keeps H ≈ ∇²f⁻¹ (or B ≈ ∇²f with `inverse=False`) for all parameters as one vector
     (or one per parameter with `concat_params=False`), updated from (s, y) = (Δx, Δupdate) by `update_H`/`update_B`"""
     update_H = update_B = None
@@ -545,7 +557,7 @@ def lbfgs_two_loop(q: Tensor,                 # the vector to precondition (flat
     return r
 
 # %% ../../nbs/62_second_order.ipynb #02d43eb8
-class LBFGS(Module):
+class LBFGS(ModuleWide):
     "Limited-memory BFGS over all parameters as one vector (torchzero's `LBFGS`); pair it with a line search"
     def __init__(self,
                  history_size: int = 10,         # how many (s, y) pairs to keep
@@ -636,7 +648,7 @@ def newton_solve(H: Tensor, b: Tensor, use_lstsq: bool = False) -> Tensor:
     return torch.linalg.lstsq(H, b[:, None]).solution[:, 0]
 
 # %% ../../nbs/62_second_order.ipynb #82783880
-class Newton(Module):
+class Newton(ModuleWide):
     "Newton's method: the update becomes (H + λI)⁻¹ update, H the autograd Hessian over all parameters (torchzero's `Newton`)"
     unsupported = dict(h="torchzero's step for finite-difference Hessians; here H is always the autograd Hessian")
     def __init__(self,
@@ -730,7 +742,7 @@ def fd_forward_hvp(closure,              # closure(backward): its backward write
     for p, x in zip(params, x0): p.copy_(x)
     return (g1 - g0) * (vn / h)
 
-class NewtonCG(Module):
+class NewtonCG(ModuleWide):
     """Newton's method with the system H d = update solved by conjugate gradients on Hessian-vector products (torchzero's
     `NewtonCG`, with its defaults); `NewtonCG(tol='forcing', npc_terminate=True)` is N&W's line-search Newton-CG (Alg. 7.1)"""
     def __init__(self,
