@@ -672,6 +672,9 @@ def test_skip_nonfinite_planted_nan_gradient(name):
     clean, ref = skip_run(SKIP_CHAINS[name], [0, 1, 2, 3, 4])
     assert torch.equal(planted, clean) and opt.skipped_steps == 1 and ref.skipped_steps == 0
     assert opt.current_step == ref.current_step == 5
+    fresh = Modular([torch.zeros(3, 2, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)], *SKIP_CHAINS[name]())
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert fresh.skipped_steps == 1                           # the count survives a checkpoint, as LabOptimizer's does
     # the first step skipped: no state is created at all
     _, first = skip_run(SKIP_CHAINS[name], [99], plant=99)
     assert not any(first.state.values()) and first.skipped_steps == 1

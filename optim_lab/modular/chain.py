@@ -328,7 +328,7 @@ def _modular_state_dict(self: Modular) -> dict:
     groups = [{**{k: v for k, v in g.items() if k != 'params'}, 'params': [index[p] for p in g['params']]}
               for g in self.param_groups]
     sd = dict(state=state, param_groups=groups, global_state={m._key: m.global_state for m in self.modules},
-              num_evaluations=self.num_evaluations, current_step=self.current_step)
+              num_evaluations=self.num_evaluations, current_step=self.current_step, skipped_steps=self.skipped_steps)
     _plain(sd['state'], 'state'); _plain(sd['global_state'], 'global_state')
     return sd
 
@@ -348,6 +348,7 @@ def _modular_load_state_dict(self: Modular, state_dict: dict):
         self.state[p] = {k: {n: move(v, p) for n, v in ms.items()} for k, ms in s.items()}
     for m in self.modules: m.global_state = sd['global_state'][m._key]
     self.num_evaluations, self.current_step = sd['num_evaluations'], sd['current_step']
+    self.skipped_steps = sd.get('skipped_steps', 0)   # (a state dict saved before the chain had skip_nonfinite)
 
 Modular.state_dict, Modular.load_state_dict = _modular_state_dict, _modular_load_state_dict
 
