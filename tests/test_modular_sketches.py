@@ -364,7 +364,7 @@ def test_readme_full_matrix_recipes_run_with_the_import_swapped():
             loss = nn.functional.mse_loss(model(inputs), targets)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         assert losses[-1] < 0.8 * losses[0]
 
 

@@ -12,9 +12,9 @@ from torch import Tensor
 
 from ..core import check_hypers, Range, OneOf, NonNegative, Positive, Flag, IntRange, RangeOrNone
 from .chain import Module, Var
-from .second_order import _flatten, _unflatten_, _loss_and_grad_graph, fd_forward_hvp
-from .ops import _as_chain, _run_chain, _flat, _unflat
-from ..distributed import full_tensor, local_shard_like
+from .second_order import _flatten, _unflatten_, _loss_and_grad_graph, fd_forward_hvp, _whole, _write_whole_, _unflatten_whole_
+from .ops import _as_chain, _run_chain, _flat
+from ..distributed import local_shard_like
 from ..optimizers.shampoo import matrix_inverse_root
 from ..optimizers.adahessian import hutchinson_diagonal, probe_vectors
 
@@ -82,20 +82,8 @@ def nystrom_pcg(L: Tensor, Q: Tensor, A, b: Tensor, reg: float, tol: float | Non
     return x
 
 # %% ../../nbs/87_sketches.ipynb #11a4dee5
-def _whole(t: Tensor) -> Tensor:
-    "The whole tensor: a sharded `DTensor` (FSDP2) gathered (chapter 06's `full_tensor`), anything else as it is"
-    return full_tensor(t)
-
-def _write_whole_(dst: Tensor, src: Tensor):
-    "dst ← src, with `src` the whole tensor (the same on every rank): this rank's slice when `dst` is a `DTensor`"
-    dst.copy_(local_shard_like(src, dst))
-
-def _unflatten_whole_(vec: Tensor, ts: list[Tensor]) -> list[Tensor]:
-    "Write the whole vector `vec` (ops' `_flat` order) into the tensors `ts` in place, each rank its slice of a `DTensor`"
-    for t, x in zip(ts, _unflat(vec, ts)): t.copy_(x)
-    return ts
-
 def _sharded(ts: list[Tensor]) -> bool:
+    "Is any of `ts` an FSDP2-sharded `DTensor`?"
     from torch.distributed.tensor import DTensor
     return any(isinstance(t, DTensor) for t in ts)
 

@@ -12,8 +12,9 @@ from torch import Tensor
 
 from ..core import check_hypers, Range, OneOf, NonNegative, Positive, Flag, IntRange, RangeOrNone
 from .chain import Module, Var
-from .second_order import (LineSearch, Newton, QuasiNewton, hessian, _flatten, _unflatten_, _no_inner)
-from .ops import _flat, _unflat
+from .second_order import (LineSearch, Newton, QuasiNewton, hessian, _flatten, _unflatten_, _no_inner,
+                                          _unflatten_whole_)
+from .ops import _flat
 from .sketches import _hvp_matrix, _sharded
 
 # %% auto #0
@@ -153,7 +154,7 @@ class TrustRegionBase(Module):
         for attempt in range(s['max_attempts']):
             radius = gs.get('trust_radius', s['init'])
             d = self.trust_solve(g, H, radius)
-            for p, x, di in zip(var.params, x0, _unflat(d, var.params)): p.copy_(x - di)
+            for p, x, di in zip(var.params, x0, _unflatten_whole_(d, [torch.empty_like(p) for p in var.params])): p.copy_(x - di)
             f1 = float(var.closure(False))
             for p, x in zip(var.params, x0): p.copy_(x)
             pred = float(model_decrease(g, H, d))
@@ -165,7 +166,7 @@ class TrustRegionBase(Module):
                 gs['trust_radius'], accepted = update_radius(radius, float(torch.linalg.vector_norm(d)), rho, math.isfinite(f1),
                     s['eta'], s['nplus'], s['nminus'], s['rho_good'], s['rho_bad'], s['boundary_tol'], s['init'], g.dtype)
             if accepted: break
-        for ui, di in zip(u, _unflat(d if accepted else torch.zeros_like(d), u)): ui.copy_(di)
+        _unflatten_whole_(d if accepted else torch.zeros_like(d), u)
         return var
 
 # %% ../../nbs/86_trust_region.ipynb #d9558961
