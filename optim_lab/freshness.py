@@ -14,18 +14,19 @@ import nbformat
 from .docs import _directives
 
 # %% auto #0
-__all__ = ['NUMBER', 'ADDRESS', 'TIME_UNIT', 'TIMING', 'BOOK_ENV', 'skeleton', 'lines_agree', 'output_text', 'cell_lines',
+__all__ = ['NUMBER', 'MASKS', 'TIME_UNIT', 'AFTER', 'TIMING', 'BOOK_ENV', 'skeleton', 'lines_agree', 'output_text', 'cell_lines',
            'compare_lines', 'book_env', 'execute_copy', 'fresh_mode', 'stale_outputs', 'report', 'main']
 
 # %% ../nbs/95_freshness.ipynb #a8eb8304
 NUMBER = re.compile(r'[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?')
-ADDRESS = re.compile(r'\bat 0x[0-9a-fA-F]+')
+MASKS = [(re.compile(r'\bat 0x[0-9a-fA-F]+'), 'at 0x…'), (re.compile(r'\btmp[a-z0-9_]{8}\b'), 'tmp…')]  # an address, a `tempfile` name
 TIME_UNIT = r'\s?(?:s|ms|µs|us|min|h|seconds?|minutes?|hours?)\b'
-TIMING = re.compile(rf'(?<=load average ){NUMBER.pattern}|{NUMBER.pattern}(?={TIME_UNIT})')   # exempt in `fresh: timings` cells
+AFTER = ('load average ', '"seconds": ', "'seconds': ", 'seconds=')   # a number after one of these is a duration or a load
+TIMING = re.compile('|'.join([f'(?<={re.escape(a)}){NUMBER.pattern}' for a in AFTER] + [f'{NUMBER.pattern}(?={TIME_UNIT})']))
 
 def skeleton(line: str, timings: bool = False) -> tuple[str, list[float]]:
     "A line with its numbers replaced by `#` (its durations by `⏱` if `timings`), and those numbers"
-    line = ADDRESS.sub('at 0x…', line)
+    for pattern, mask in MASKS: line = pattern.sub(mask, line)
     if timings: line = TIMING.sub('⏱', line)
     return NUMBER.sub('#', line), [float(m.group().replace(',', '')) for m in NUMBER.finditer(line)]
 
