@@ -444,17 +444,17 @@ def test_state_dict_resume_is_exact(make):
 
 
 # ---------------------------------------------------------------- FSDP2-style sharded parameters (2 gloo ranks)
-# The dense modules (chapter 62's QuasiNewton) gather the whole update and parameters from the shards, compute on the
-# whole vectors (the same on every rank) and write each rank's slice back; L-SR1 and the gradient correction work per
-# parameter, every inner product a reduction on the DTensor itself.
-SHARD_SHAPES = ((5,), (3, 4), (1, 6))   # odd first dims, so uneven shards: 5 rows on 2 ranks are 3 + 2; one row: rank 1 holds none
+# The dense modules (chapter 62's QuasiNewton) and chapter 62's LBFGS gather the whole update and parameters from the
+# shards, compute on the whole vectors (the same on every rank) and write each rank's slice back; L-SR1 and the gradient
+# correction work per parameter, every inner product a reduction on the DTensor itself.
+SHARD_SHAPES = ((5,), (3, 4), (1, 6))   # odd first dims, uneven shards: 5 rows on 2 ranks are 3 + 2; 1 row: rank 1 has none
 SHARDED = {'LSR1': lambda: [m.LSR1(4), m.LR(0.05)], 'GradientCorrection': lambda: [m.GradientCorrection(), m.LR(0.05)],
            'DFP': lambda: [m.DFP(), m.LR(0.05)], 'SSVM': lambda: [m.SSVM(), m.LR(0.05)],
            'BFGS': lambda: [m.BFGS(), m.LR(0.05)], 'SR1': lambda: [m.SR1(), m.LR(0.05)],
            'BFGS-per-parameter': lambda: [m.BFGS(concat_params=False), m.LR(0.05)],
            'DFP-B-side': lambda: [m.DFP(inverse=False), m.LR(0.05)],
            'Greenstadt1': lambda: [m.Greenstadt1(), m.LR(0.05)], 'ICUM': lambda: [m.ICUM(), m.LR(0.05)],
-           'ThomasOptimalMethod': lambda: [m.ThomasOptimalMethod(), m.LR(0.05)]}
+           'ThomasOptimalMethod': lambda: [m.ThomasOptimalMethod(), m.LR(0.05)], 'LBFGS': lambda: [m.LBFGS(4), m.LR(0.05)]}
 
 
 def shard_start():
@@ -487,9 +487,9 @@ def sharded_results(tmp_path_factory):
 
 @pytest.mark.parametrize('name', list(SHARDED))
 def test_sharded_parameters_end_where_one_process_ends(name, sharded_results):
-    """The dense modules gather exactly the one-process vectors (measured: bitwise equal); L-SR1 and the gradient correction
-    sum their inner products per shard (measured 8.4e-15 and 1.0e-15). The bound 1e-12, on values of order 1 after
-    8 steps, leaves room for other kernels' summation orders"""
+    """The dense modules and L-BFGS gather exactly the one-process vectors (measured: bitwise equal); L-SR1 and the
+    gradient correction sum their inner products per shard (measured 8.4e-15 and 1.0e-15). The bound 1e-12, on values
+    of order 1 after 8 steps, leaves room for other kernels' summation orders"""
     ours_ = [torch.tensor(x, dtype=DT) for x in sharded_results[name]]
     ref = [torch.tensor(x, dtype=DT) for x in sharded_run(name)]
     assert max((a - b).abs().max().item() for a, b in zip(ours_, ref)) <= 1e-12

@@ -587,11 +587,12 @@ class LBFGS(ModuleWide):
         s, gs = self.defaults, self.global_state
         if 's_history' not in gs: self._forget()
         u = var.get_update()
-        if gs.get('updates', 0) % s['update_freq'] == 0: self._update(_flatten(var.params), _flatten(u))
+        g = _flatten([_whole(t) for t in u])                    # whole vectors on every rank, as QuasiNewton
+        if gs.get('updates', 0) % s['update_freq'] == 0: self._update(_flatten([_whole(p) for p in var.params]), g)
         gs['updates'] = gs.get('updates', 0) + 1
-        d = lbfgs_two_loop(_flatten(u), gs['s_history'], gs['y_history'], gs['sy_history'])
+        d = lbfgs_two_loop(g, gs['s_history'], gs['y_history'], gs['sy_history'])
         if s['scale_first'] and gs['step'] == 1: d.mul_(initial_step_size([d], eps=1e-7))
-        _unflatten_(d, u)
+        _unflatten_whole_(d, u)
         return var
 
     def _update(self, p: Tensor, g: Tensor):
