@@ -318,7 +318,8 @@ def test_trust_region_readme_spellings_run():
 
 # ---------------------------------------------------------------- FSDP2-style sharded parameters: 2 gloo ranks, DTensors sharded on dim 0
 DIST_SPECS = {'TrustCG(Newton)': lambda: m.TrustCG(hess_module=m.Newton()), 'Dogleg(Newton)': lambda: m.Dogleg(hess_module=m.Newton()),
-              'TrustCG(Newton, damping)': lambda: m.TrustCG(hess_module=m.Newton(damping=0.1), init=0.5)}
+              'TrustCG(Newton, damping)': lambda: m.TrustCG(hess_module=m.Newton(damping=0.1), init=0.5),
+              'TrustCG(SR1)': lambda: m.TrustCG(hess_module=m.SR1(inverse=False)), 'Dogleg(BFGS)': lambda: m.Dogleg(hess_module=m.BFGS(inverse=False))}
 DIST_SHAPES = ((5,), (3, 4), (1, 6))   # 5 rows on 2 ranks: 3 + 2 (uneven); one row: rank 1 holds none
 
 
@@ -348,7 +349,8 @@ def sharded_results(tmp_path_factory):
 
 @pytest.mark.parametrize('name', list(DIST_SPECS))
 def test_sharded_parameters_end_where_one_process_ends(name, sharded_results):
-    """The model is over the whole vector (g gathered, H from the whole gradients, the step re-sharded): on 2 ranks with
+    """The model is over the whole vector (g gathered, H from the whole gradients or the quasi-Newton B updated from whole
+    vectors, the step re-sharded): on 2 ranks with
     uneven shards both ranks end where one process ends. Measured: 0 apart; 1e-12 leaves room for rounding in the
     collectives, far below the steps' size (the iterates move by O(0.1-1))"""
     ref = [torch.tensor(x, dtype=DT) for x in dist_run(DIST_SPECS[name])]

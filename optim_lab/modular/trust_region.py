@@ -106,8 +106,8 @@ def model_hessian(hess_module: Module, var: Var) -> Tensor:
         if s['inverse'] or not s['concat_params']:
             raise ValueError(f"{type(hess_module).__name__}: a trust region needs the Hessian approximation B itself over all "
                              f"parameters: inverse=False, concat_params=True (got inverse={s['inverse']}, concat_params={s['concat_params']})")
-        g = _flatten(var.get_update())
-        hess_module._update(hess_module.global_state, _flatten(var.params), g)
+        g = _flat(var.get_update())                      # whole vectors, also from FSDP2 shards
+        hess_module._update(hess_module.global_state, _flat(var.params), g)
         return hess_module.global_state['M']
     raise ValueError(f"trust region: hess_module={hess_module!r} is outside the allowed range: m.Newton(...) or a quasi-Newton "
                      "module with inverse=False")
