@@ -297,7 +297,8 @@ def test_state_dict_resumes_the_random_sequence(make):
 DIST_SPECS = {'RandomizedFDM': lambda: m.RandomizedFDM(seed=0), 'RandomizedFDM(uniform, forward)': lambda: m.RandomizedFDM(formula='forward', distribution='uniform', seed=1),
               'RandomizedFDM(sphere, 3 samples)': lambda: m.RandomizedFDM(n_samples=3, distribution='sphere', seed=2),
               'RDSA': lambda: m.RDSA(seed=0), 'GaussianSmoothing': lambda: m.GaussianSmoothing(n_samples=5, seed=0),
-              'MeZO': lambda: m.MeZO(), 'MeZO(gaussian)': lambda: m.MeZO(distribution='gaussian')}
+              'MeZO': lambda: m.MeZO(), 'MeZO(gaussian)': lambda: m.MeZO(distribution='gaussian'),
+              'ForwardGradient(central)': lambda: m.ForwardGradient(jvp_method='central', seed=0)}
 DIST_SHAPES = ((5,), (3, 4), (1, 6))   # 5 rows on 2 ranks: 3 + 2 (uneven); one row: rank 1 holds none
 
 
@@ -317,7 +318,13 @@ def dist_run(make, shard=None):
 
 
 def _worker(mesh, out_dir):
-    return {name: dist_run(make, shard_rows(mesh)) for name, make in DIST_SPECS.items()}
+    return {**{name: dist_run(make, shard_rows(mesh)) for name, make in DIST_SPECS.items()}, 'jvp refusal': _jvp_refusal(mesh)}
+
+
+def _jvp_refusal(mesh):
+    try: dist_run(lambda: m.ForwardGradient(seed=0), shard_rows(mesh))
+    except NotImplementedError as e: return str(e)
+    return 'no error'
 
 
 @pytest.fixture(scope='module')
@@ -337,6 +344,12 @@ def test_sharded_draws_are_one_process_draws(name, sharded_results):
     for rank in sharded_results:
         ours = [torch.tensor(x, dtype=DT) for x in rank[name]]
         assert max((a - b).abs().max().item() for a, b in zip(ours, ref)) <= 1e-12
+
+
+def test_forward_mode_refuses_shards(sharded_results):
+    "torch.func.jvp does not run on DTensors: ForwardGradient(jvp_method='autograd') says so and names the alternatives"
+    assert sharded_results[0]['jvp refusal'].startswith("ForwardGradient: jvp_method='autograd' (torch.func.jvp) does not run")
+
 
 
 if WORKER: serve_rank(_worker)

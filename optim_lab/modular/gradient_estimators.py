@@ -13,6 +13,7 @@ from torch import Tensor
 from ..core import check_hypers, OneOf, Positive, PositiveInt, Flag
 from .chain import Var
 from ..distributed import local_shard_like
+from torch.distributed.tensor import DTensor
 from .second_order import GradApproximator, directional_derivative, _along, _FORMULAS, _TARGETS
 
 # %% auto #0
@@ -140,7 +141,11 @@ class ForwardGradient(RandomizedFDM):
 
     def directional(self, closure, params, x0, u, f0):
         s = self.defaults
-        if s['jvp_method'] == 'autograd': return loss_jvp(closure, params, u)
+        if s['jvp_method'] == 'autograd':
+            if any(isinstance(p, DTensor) for p in params):
+                raise NotImplementedError("ForwardGradient: jvp_method='autograd' (torch.func.jvp) does not run on FSDP2-sharded "
+                                          "DTensor parameters; use jvp_method='forward' or 'central' there")
+            return loss_jvp(closure, params, u)
         norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in u])))
         return directional_derivative(_along(closure, params, x0, u), f0, s['h'] / norm, s['jvp_method'])  # a step of length h
 
