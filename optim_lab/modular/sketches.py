@@ -88,28 +88,32 @@ def _sharded(ts: list[Tensor]) -> bool:
     return any(isinstance(t, DTensor) for t in ts)
 
 # %% ../../nbs/87_sketches.ipynb #8228a8fd
-def _hvp_matrix(var: Var, V: Tensor, method: str, h: float) -> Tensor:
-    "H V for the columns of V (n × k): batched autograd, one autograd product per column, or finite differences of gradients"
+def _hvp_operator(var: Var, method: str, h: float):
+    """V ↦ H V for the columns of V (n × k) at the step's starting point: batched autograd, one autograd product per column,
+    or finite differences of gradients. The autograd methods differentiate one gradient graph, built once (one closure
+    call) and kept for every product of the step"""
     if method in ('fd_forward', 'fd_central'):
         if _sharded(var.params): raise NotImplementedError(f"hvp_method={method!r} is not offered on sharded (DTensor) parameters; use 'batched_autograd' or 'autograd'")
         g0 = _flatten(var.get_grad())
-        cols = []
-        for v in V.mT:
-            if method == 'fd_forward': cols.append(fd_forward_hvp(var.closure, var.params, g0, v, h))
-            else: cols.append((fd_forward_hvp(var.closure, var.params, g0, v, h) + fd_forward_hvp(var.closure, var.params, g0, v, -h)) / 2)
-        return torch.stack(cols, 1)
+        def fd_product(v):
+            if method == 'fd_forward': return fd_forward_hvp(var.closure, var.params, g0, v, h)
+            return (fd_forward_hvp(var.closure, var.params, g0, v, h) + fd_forward_hvp(var.closure, var.params, g0, v, -h)) / 2
+        return lambda V: torch.stack([fd_product(v) for v in V.mT], 1)
     _, grads = _loss_and_grad_graph(var)
     with torch.enable_grad(): g = _flat(grads)        # whole gradients (gathered on shards), graph kept
-    if not g.requires_grad: return torch.zeros_like(V)
-    if method == 'batched_autograd' and not _sharded(var.params):   # vmap does not run on DTensors: one product per column
-        rows = torch.autograd.grad(g, var.params, V.mT, is_grads_batched=True, retain_graph=True, allow_unused=True, materialize_grads=True)
-        return torch.cat([r.reshape(V.shape[1], -1) for r in rows], 1).mT
-    return torch.stack([_flat(torch.autograd.grad(g, var.params, v, retain_graph=True, allow_unused=True, materialize_grads=True))
-                        for v in V.mT], 1)
+    if not g.requires_grad: return torch.zeros_like  # the loss is (at most) linear
+    batched = method == 'batched_autograd' and not _sharded(var.params)   # vmap does not run on DTensors: one product per column
+    def products(V):
+        if batched:
+            rows = torch.autograd.grad(g, var.params, V.mT, is_grads_batched=True, retain_graph=True, allow_unused=True, materialize_grads=True)
+            return torch.cat([r.reshape(V.shape[1], -1) for r in rows], 1).mT
+        return torch.stack([_flat(torch.autograd.grad(g, var.params, v, retain_graph=True, allow_unused=True, materialize_grads=True))
+                            for v in V.mT], 1)
+    return products
 
-def _hvp_function(var: Var, method: str, h: float):
-    "v ↦ H v at the step's starting point"
-    return lambda v: _hvp_matrix(var, v[:, None], method, h)[:, 0]
+def _hvp_matrix(var: Var, V: Tensor, method: str, h: float) -> Tensor:
+    "H V for the columns of V (n × k), through a fresh `_hvp_operator`"
+    return _hvp_operator(var, method, h)(V)
 
 def _generator(module: Module, device, seed: int | None):
     "The module's own generator, its state kept in `global_state` (a plain tensor), or None for torch's global one"
@@ -119,15 +123,15 @@ def _generator(module: Module, device, seed: int | None):
     else: gen.manual_seed(seed)
     return gen
 
-def _sketch(module: Module, var: Var, rank: int, seed, method: str, h: float) -> tuple[Tensor, Tensor]:
-    "An orthonormal Gaussian test matrix Ω (n × min(rank, n)) and Y = HΩ"
+def _sketch(module: Module, var: Var, rank: int, seed, HV) -> tuple[Tensor, Tensor]:
+    "An orthonormal Gaussian test matrix Ω (n × min(rank, n)) and Y = HΩ, `HV` the step's `_hvp_operator`"
     n = sum(p.numel() for p in var.params)
     p0 = var.params[0]
     gen = _generator(module, p0.device, seed)
     Omega = torch.randn(n, min(rank, n), generator=gen, dtype=p0.dtype, device=p0.device)
     if gen is not None: module.global_state['rng_state'] = gen.get_state()
     Omega = torch.linalg.qr(Omega).Q
-    return Omega, _hvp_matrix(var, Omega, method, h)
+    return Omega, HV(Omega)
 
 _HVP = OneOf(('batched_autograd', 'autograd', 'fd_forward', 'fd_central'))
 _ORTHO = OneOf(('qr',))
@@ -161,7 +165,7 @@ class NystromSketchAndSolve(Module):
         s, gs = self.defaults, self.global_state
         step = gs.get('step', 0); gs['step'] = step + 1
         if step % s['update_freq'] == 0:
-            Omega, Y = _sketch(self, var, s['rank'], s['seed'], s['hvp_method'], s['h'])
+            Omega, Y = _sketch(self, var, s['rank'], s['seed'], _hvp_operator(var, s['hvp_method'], s['h']))
             L, Q = regularize_eigenpairs(*nystrom_approximation(Omega, Y), s['truncate'], s['eigv_tol'], s['damping'], s['rdamping'])
             if L is not None: gs['L'], gs['Q'] = L, Q
         if 'L' not in gs: return var                   # no usable sketch yet: the update passes through
@@ -195,11 +199,12 @@ class NystromPCG(Module):
         if var.closure is None: raise ValueError("NystromPCG needs a closure (Hessian-vector products): opt.step(closure)")
         s, gs = self.defaults, self.global_state
         step = gs.get('step', 0); gs['step'] = step + 1
+        HV = _hvp_operator(var, s['hvp_method'], s['h'])   # one gradient graph for the sketch and every CG product
         if step % s['update_freq'] == 0:
-            Omega, Y = _sketch(self, var, s['rank'], s['seed'], s['hvp_method'], s['h'])
+            Omega, Y = _sketch(self, var, s['rank'], s['seed'], HV)
             L, Q = regularize_eigenpairs(*nystrom_approximation(Omega, Y), None, s['eigv_tol'], 0.0, 0.0)
             if L is not None: gs['L'], gs['Q'] = L, Q
-        Hv = _hvp_function(var, s['hvp_method'], s['h'])
+        Hv = lambda v: HV(v[:, None])[:, 0]
         u = var.get_update()
         b = _flat(u)
         L, Q = (gs['L'], gs['Q']) if 'L' in gs else (b.new_zeros(0), b.new_zeros(len(b), 0))   # no sketch: plain CG
