@@ -347,6 +347,25 @@ def test_float32_training():
         assert quartic(x[-1].double()) < quartic(X8) - 0.5
 
 
+@pytest.mark.parametrize('hvp_method', ['batched_autograd', 'autograd'])
+def test_one_closure_evaluation_per_step(hvp_method):
+    "The sketch and every CG product differentiate one gradient graph: NystromPCG evaluates the closure once a step, as torchzero"
+    counts = {}
+    for lib, opt_cls in (('ours', Modular), ('torchzero', tz.Optimizer)):
+        L = m if lib == 'ours' else tz.m
+        x = X8.clone().requires_grad_()
+        opt = opt_cls([x], L.NystromPCG(4, hvp_method=hvp_method, seed=0), L.LR(0.5))
+        calls = [0]
+        def closure(backward=True):
+            calls[0] += 1
+            loss = quartic(x)
+            if backward:
+                opt.zero_grad(); loss.backward()
+            return loss
+        for _ in range(5): opt.step(closure)
+        counts[lib] = calls[0]
+    assert counts == {'ours': 5, 'torchzero': 5}
+
 def test_readme_full_matrix_recipes_run_with_the_import_swapped():
     "torchzero's README: full-matrix Adam as FullMatrixAdagrad(beta=0.999, inner=EMA(0.9)), and GraftModules(Shampoo(), RMSprop())"
     import torch
