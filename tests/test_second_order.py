@@ -332,16 +332,65 @@ def test_initial_step_size_on_empty_and_zero_tensors():
     assert initial_step_size(vs, eps=1e-7) == pytest.approx(step_size_reference(SHARD_VECTORS, 1e-7), rel=1e-15)
 
 
+# ---------------------------------------------------------------- FSDP2-style sharded parameters: 2 gloo ranks, DTensors sharded on dim 0
+DIST_SPECS = {'Newton()': lambda: [m.Newton()],
+              "Newton(hessian_method='autograd', damping=0.1)": lambda: [m.Newton(hessian_method='autograd', damping=0.1)],
+              'Newton(eigval_fn=abs)': lambda: [m.Newton(eigval_fn=torch.abs)],
+              'NewtonCG()': lambda: [m.NewtonCG()],
+              "NewtonCG(tol='forcing', npc_terminate=True)": lambda: [m.NewtonCG(tol='forcing', npc_terminate=True)],
+              "NewtonCG(hvp_method='fd_forward')": lambda: [m.NewtonCG(hvp_method='fd_forward')],
+              'NewtonCG(maxiter=3, warm_start=True)': lambda: [m.NewtonCG(maxiter=3, warm_start=True, warm_beta=0.5)]}
+DIST_SHAPES = ((5,), (3, 4), (1, 6))   # 5 rows on 2 ranks: 3 + 2 (uneven); one row: rank 1 holds none
+DIST_TOL = 1e-12   # measured: 0 apart (the same products, one by one where one process batches them: the same values here); room for rounding in the collectives
+DIST_STEPS = 2   # short of the minimiser (Newton's iterates are still ≥ 1e-2 from it), so a wrong product shows
+
+
+def dist_run(make, shard=None, steps=DIST_STEPS):
+    "`steps` steps with a closure whose loss is computed on the whole tensors (`full_tensor()` on shards), as FSDP2's forward gives it"
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(shard(t) if shard else t.clone()) for t in (torch.randn(s, generator=g, dtype=DT) for s in DIST_SHAPES)]
+    opt = Modular(ps, *make())
+    def closure(backward=True):
+        whole = [p.full_tensor() if shard else p for p in ps]
+        loss = sum(((w - 0.5) ** 2).sum() + 0.5 * (w ** 4).sum() + w.sum() ** 2 + (w[:1] * w[-1:]).sum() for w in whole)
+        if backward:
+            opt.zero_grad(); loss.backward()
+        return loss
+    for _ in range(steps): opt.step(closure)
+    return [(p.full_tensor() if shard else p.detach()).tolist() for p in ps]
+
+
 def _worker(mesh, out_dir):
     us = [shard_rows(mesh)(torch.tensor(v, dtype=DT)) for v in SHARD_VECTORS]
-    return [initial_step_size(us, eps=eps) for eps in (None, 1e-7, 0.5)]
+    return {'initial_step_size': [initial_step_size(us, eps=eps) for eps in (None, 1e-7, 0.5)],
+            **{name: dist_run(make, shard_rows(mesh)) for name, make in DIST_SPECS.items()}}
 
 
-def test_initial_step_size_on_sharded_dtensors(tmp_path):
+@pytest.fixture(scope='module')
+def sharded_results(tmp_path_factory):
+    return rank_results(__file__, tmp_path_factory.mktemp('ranks'))   # both ranks'
+
+
+def test_initial_step_size_on_sharded_dtensors(sharded_results):
     "FSDP2 shards: rank 1 holds an empty shard of two tensors; both ranks' scale is the whole tensors' scale"
-    values = rank_results(__file__, tmp_path)[0]   # rank 0's
-    for got, eps in zip(values, (None, 1e-7, 0.5)):
-        assert got == pytest.approx(step_size_reference(SHARD_VECTORS, eps or 0.0), rel=1e-15)
+    for rank in sharded_results:
+        for got, eps in zip(rank['initial_step_size'], (None, 1e-7, 0.5)):
+            assert got == pytest.approx(step_size_reference(SHARD_VECTORS, eps or 0.0), rel=1e-15)
+
+
+@pytest.mark.parametrize('name', list(DIST_SPECS))
+def test_newton_on_sharded_parameters_ends_where_one_process_ends(name, sharded_results):
+    """Newton and NewtonCG over the whole vector (the gradient gathered with its graph, each Hessian product taken through
+    the gathering, the step re-sharded): on 2 ranks with uneven shards (3 + 2 rows, 1 + 0) both ranks end where one
+    process ends. The sharded Hessian is taken one column at a time where one process batches them (vmap does not run on
+    DTensors), so the two differ by rounding; TOL leaves room for that over 5 steps, far below the steps' size (the
+    iterates move by O(0.1-1))"""
+    ref = [torch.tensor(x, dtype=DT) for x in dist_run(DIST_SPECS[name])]
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(0), dtype=DT) for s in DIST_SHAPES[:1]]
+    assert (ref[0] - start[0]).abs().max() > 0.05                       # the run moved
+    for rank in sharded_results:
+        ours = [torch.tensor(x, dtype=DT) for x in rank[name]]
+        assert max((a - b).abs().max().item() for a, b in zip(ours, ref)) <= DIST_TOL
 
 
 if is_rank(__name__): serve_rank(_worker)

@@ -12,7 +12,8 @@ from torch import Tensor
 from ..core import check_hypers, Flag, IntRange, OneOf
 from .chain import Module, Var
 from .second_order import (QuasiNewton, ModuleWide, LBFGS, secant_update_, broyden_class_inverse_update_, initial_step_size,
-                                            _flatten, _unflatten_, _dot, _no_inner, _away_from_zero)
+                                            _flatten, _unflatten_, _dot, _no_inner, _away_from_zero,
+                                            _flatten_whole)
 
 # %% auto #0
 __all__ = ['ColumnUpdatingMethod', 'SecantUpdate', 'InverseSecantUpdate', 'DFP', 'BroydenGood', 'BroydenBad', 'PSB', 'McCormick',
@@ -339,8 +340,8 @@ def observe_previous_point(mod: Module, var: Var, x_prev: list[Tensor], g_prev: 
         for idx, st in mod._blocks(var):
             if 'M' not in st: continue
             st['step'] = st.get('step', 0) + 1   # torchzero counts this as an update call too (restart_interval)
-            st['p_prev'], st['g_prev'] = _flatten([x_prev[i] for i in idx]), _flatten([g_prev[i] for i in idx])
+            st['p_prev'], st['g_prev'] = _flatten_whole([x_prev[i] for i in idx]), _flatten_whole([g_prev[i] for i in idx])   # whole, as QuasiNewton keeps them
     elif 's_history' in mod.global_state:      # LBFGS, LSR1: take x_prev as a first point
         mod.global_state['step'] = 0
         if isinstance(mod, LSR1): mod._update([x.clone() for x in x_prev], g_prev)
-        else: mod._update(_flatten(x_prev), _flatten(g_prev))
+        else: mod._update(_flatten_whole(x_prev), _flatten_whole(g_prev))

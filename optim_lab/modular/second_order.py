@@ -407,6 +407,10 @@ def _write_whole_(dst: Tensor, src: Tensor) -> Tensor:
         src = distribute_tensor(src, dst.device_mesh, dst.placements)
     return dst.copy_(src)
 
+def _flatten_whole(ts: list[Tensor]) -> Tensor:
+    "All tensors of `ts`, whole (a sharded `DTensor` gathered), as one vector: `_flatten` over the whole tensors"
+    return _flatten([_whole(t) for t in ts])
+
 def _unflatten_whole_(vec: Tensor, ts: list[Tensor]) -> list[Tensor]:
     "Write the whole vector `vec` back into `ts` (in `_flatten`'s order), each a plain tensor or a sharded `DTensor`"
     i = 0
@@ -624,19 +628,36 @@ def _loss_and_grad_graph(var: Var) -> tuple[Tensor, list[Tensor]]:
     if var.grad is None: var.grad = [g.detach().clone() for g in grads]
     return loss, grads
 
-def hessian(var: Var, batched: bool = True) -> Tensor:
-    "The Hessian of the closure's loss over all parameters as one vector (n×n), by autograd; sets `var.loss`/`var.grad`"
+def _sharded(ts: list[Tensor]) -> bool:
+    "Is any of `ts` an FSDP2-sharded `DTensor`?"
+    return any(isinstance(t, DTensor) for t in ts)
+
+def _whole_gradient_graph(var: Var) -> Tensor:
+    "The gradient over all parameters as one whole vector (shards gathered), its graph kept for Hessian products"
     _, grads = _loss_and_grad_graph(var)
-    with torch.enable_grad(): g = _flatten(grads)   # keep the graph through the concatenation
+    with torch.enable_grad(): return _flatten_whole(grads)
+
+def _hvp_columns(g: Tensor, params: list[Tensor], V: Tensor, batched: bool = True) -> Tensor:
+    """H V for the columns of V (n × k), each column ∇ₓ(gᵀv) from the gradient graph `g`: all at once (`is_grads_batched`,
+    a vmap) or one product per column. vmap does not run on `DTensor`s: on shards always one per column (the same products)"""
+    if batched and not _sharded(params):
+        rows = torch.autograd.grad(g, params, V.mT, is_grads_batched=True, retain_graph=True, allow_unused=True, materialize_grads=True)
+        return torch.cat([r.reshape(V.shape[1], -1) for r in rows], 1).mT     # row j of the batch is (H V[:, j])ᵀ
+    return torch.stack([_flatten_whole(torch.autograd.grad(g, params, v, retain_graph=True, allow_unused=True, materialize_grads=True))
+                        for v in V.mT], 1)
+
+def hessian(var: Var, batched: bool = True) -> Tensor:
+    """The Hessian of the closure's loss over all parameters as one vector (n×n), by autograd; sets `var.loss`/`var.grad`.
+    On FSDP2 shards it is the whole Hessian on every rank"""
+    g = _whole_gradient_graph(var)
     n = g.numel()
     if not g.requires_grad: return g.new_zeros(n, n)  # the loss is (at most) linear
-    if batched:
-        rows = torch.autograd.grad(g, var.params, torch.eye(n, dtype=g.dtype, device=g.device),
-                                   is_grads_batched=True, allow_unused=True, materialize_grads=True)
+    I = torch.eye(n, dtype=g.dtype, device=g.device)
+    if batched and not _sharded(var.params):      # all rows ∇ₓgᵢ at once
+        rows = torch.autograd.grad(g, var.params, I, is_grads_batched=True, allow_unused=True, materialize_grads=True)
         return torch.cat([r.reshape(n, -1) for r in rows], 1).detach()
-    rows = [_flatten(torch.autograd.grad(g[i], var.params, retain_graph=True, allow_unused=True, materialize_grads=True))
-            for i in range(n)]
-    return torch.stack(rows).detach()
+    return _hvp_columns(g, var.params, I, batched=False).detach()
+
 
 # %% ../../nbs/62_second_order.ipynb #8a3278e4
 def newton_solve(H: Tensor, b: Tensor, use_lstsq: bool = False) -> Tensor:
@@ -679,11 +700,11 @@ class Newton(ModuleWide):
         gs['calls'] = gs.get('calls', 0) + 1
         H = gs['H'] + s['damping'] * torch.eye(len(gs['H']), dtype=gs['H'].dtype, device=gs['H'].device)
         u = var.get_update()
-        b = _flatten(u)
+        b = _flatten_whole(u)                      # whole vectors, also from sharded DTensors
         if any(v is not None for v in (s['eigval_fn'], s['eigv_tol'], s['truncate'])):
             x = _eigen_solve(H, b, s['eigval_fn'], s['eigv_tol'], s['truncate'])
         else: x = newton_solve(H, b, s['use_lstsq'])
-        _unflatten_(x, u)
+        _unflatten_whole_(x, u)
         return var
 
 def _eigen_solve(H, b, eigval_fn, tol, truncate):
@@ -729,17 +750,17 @@ def conjugate_gradient(A: Callable[[Tensor], Tensor], # v -> A v, A symmetric
 # %% ../../nbs/62_second_order.ipynb #785da4ea
 def fd_forward_hvp(closure,              # closure(backward): its backward writes the gradient into `p.grad`
                    params: list[Tensor],
-                   g0: Tensor,           # the gradient at the current point, flattened
-                   v: Tensor,            # the vector, flattened
+                   g0: Tensor,           # the gradient at the current point, flattened (whole, also for sharded DTensors)
+                   v: Tensor,            # the vector, flattened (whole)
                    h: float) -> Tensor:
     "H v ≈ ‖v‖ (∇f(x + h v/‖v‖) − ∇f(x)) / h: one gradient evaluation per product; the parameters are restored exactly"
     vn = torch.linalg.vector_norm(v)
     if vn == 0: return torch.zeros_like(v)
     x0 = [p.detach().clone() for p in params]
-    step = _unflatten_(v * (h / vn), [torch.empty_like(p) for p in params])
+    step = _unflatten_whole_(v * (h / vn), [torch.empty_like(p) for p in params])   # each rank's slice of the step
     for p, x, dx in zip(params, x0, step): p.copy_(x + dx)
     with torch.enable_grad(): closure(True)
-    g1 = _flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+    g1 = _flatten_whole([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
     for p, x in zip(params, x0): p.copy_(x)
     return (g1 - g0) * (vn / h)
 
@@ -772,22 +793,20 @@ class NewtonCG(ModuleWide):
         if var.closure is None: raise ValueError("NewtonCG needs a closure (Hessian-vector products): opt.step(closure)")
         s = self.defaults
         if s['hvp_method'] in ('fd_forward', 'forward'):
-            g0 = _flatten(var.get_grad())
+            g0 = _flatten_whole(var.get_grad())
             def Hv(v: Tensor) -> Tensor:
                 self.global_state['hvps'] = self.global_state.get('hvps', 0) + 1
                 return fd_forward_hvp(var.closure, var.params, g0, v, s['h']) + s['reg'] * v
         else:
-            _, grads = _loss_and_grad_graph(var)
-            with torch.enable_grad(): g = _flatten(grads)
+            g = _whole_gradient_graph(var)
             def Hv(v: Tensor) -> Tensor:
                 self.global_state['hvps'] = self.global_state.get('hvps', 0) + 1   # Hessian-vector products so far (torchzero's `_num_hvps`)
                 if not g.requires_grad: return s['reg'] * v
-                with torch.enable_grad():
-                    hv = torch.autograd.grad(g, var.params, v, retain_graph=True, allow_unused=True, materialize_grads=True)
-                return _flatten(hv) + s['reg'] * v
+                with torch.enable_grad(): hv = _hvp_columns(g, var.params, v[:, None], batched=False)[:, 0]
+                return hv + s['reg'] * v
         u = var.get_update()
-        x0 = _flatten([self.state(p)['prev_x'] for p in var.params]) if s['warm_start'] and 'prev_x' in self.state(var.params[0]) else None
-        b = _flatten(u)
+        x0 = _flatten_whole([self.state(p)['prev_x'] for p in var.params]) if s['warm_start'] and 'prev_x' in self.state(var.params[0]) else None
+        b = _flatten_whole(u)                                  # whole vectors, also from sharded DTensors
         tol = s['tol']
         if tol == 'forcing':                                   # ε = min(0.5, √‖b‖)·‖b‖: loose far away, superlinear near
             bn = float(torch.linalg.vector_norm(b))
@@ -795,9 +814,25 @@ class NewtonCG(ModuleWide):
         d = conjugate_gradient(Hv, b, x0, tol, s['maxiter'], s['miniter'], s['npc_terminate'])
         if s['warm_start']:
             x_new = d if x0 is None else torch.lerp(x0, d, 1 - s['warm_beta'])
-            for p, x in zip(var.params, _unflatten_(x_new, [torch.empty_like(p) for p in var.params])): self.state(p)['prev_x'] = x
-        _unflatten_(d.detach(), u)
+            for p, x in zip(var.params, _unflatten_whole_(x_new, [torch.empty_like(p) for p in var.params])): self.state(p)['prev_x'] = x
+        _unflatten_whole_(d.detach(), u)
         return var
+
+# %% ../../nbs/62_second_order.ipynb #ef38d98a
+def _hvp_operator(var: Var, method: str, h: float):
+    """V ↦ H V for the columns of V (n × k) at the step's starting point: batched autograd, one autograd product per column,
+    or finite differences of gradients. The autograd methods differentiate one gradient graph, built once (one closure
+    call) and kept for every product of the step"""
+    if method in ('fd_forward', 'fd_central'):
+        if _sharded(var.params): raise NotImplementedError(f"hvp_method={method!r} is not offered on sharded (DTensor) parameters; use 'batched_autograd' or 'autograd'")
+        g0 = _flatten(var.get_grad())
+        def fd_product(v):
+            if method == 'fd_forward': return fd_forward_hvp(var.closure, var.params, g0, v, h)
+            return (fd_forward_hvp(var.closure, var.params, g0, v, h) + fd_forward_hvp(var.closure, var.params, g0, v, -h)) / 2
+        return lambda V: torch.stack([fd_product(v) for v in V.mT], 1)
+    g = _whole_gradient_graph(var)
+    if not g.requires_grad: return torch.zeros_like  # the loss is (at most) linear
+    return lambda V: _hvp_columns(g, var.params, V, batched=method == 'batched_autograd')
 
 # %% ../../nbs/62_second_order.ipynb #1d08b6b4
 def _fd_formula(name: str) -> str:

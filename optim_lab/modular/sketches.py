@@ -13,6 +13,7 @@ from torch import Tensor
 from ..core import check_hypers, Range, OneOf, NonNegative, Positive, Flag, IntRange, RangeOrNone
 from .chain import Module, Var
 from .second_order import _flatten, _unflatten_, _loss_and_grad_graph, fd_forward_hvp, _whole, _write_whole_, _unflatten_whole_
+from .second_order import _sharded, _hvp_operator   # H V on the whole vector, also on FSDP2 shards (chapter 62)
 from .ops import _as_chain, _run_chain, _flat
 from ..distributed import local_shard_like
 from ..optimizers.shampoo import matrix_inverse_root
@@ -81,40 +82,7 @@ def nystrom_pcg(L: Tensor, Q: Tensor, A, b: Tensor, reg: float, tol: float | Non
         d = z + (r.dot(z) / rz) * d
     return x
 
-# %% ../../nbs/87_sketches.ipynb #11a4dee5
-def _sharded(ts: list[Tensor]) -> bool:
-    "Is any of `ts` an FSDP2-sharded `DTensor`?"
-    from torch.distributed.tensor import DTensor
-    return any(isinstance(t, DTensor) for t in ts)
-
 # %% ../../nbs/87_sketches.ipynb #8228a8fd
-def _hvp_operator(var: Var, method: str, h: float):
-    """V ↦ H V for the columns of V (n × k) at the step's starting point: batched autograd, one autograd product per column,
-    or finite differences of gradients. The autograd methods differentiate one gradient graph, built once (one closure
-    call) and kept for every product of the step"""
-    if method in ('fd_forward', 'fd_central'):
-        if _sharded(var.params): raise NotImplementedError(f"hvp_method={method!r} is not offered on sharded (DTensor) parameters; use 'batched_autograd' or 'autograd'")
-        g0 = _flatten(var.get_grad())
-        def fd_product(v):
-            if method == 'fd_forward': return fd_forward_hvp(var.closure, var.params, g0, v, h)
-            return (fd_forward_hvp(var.closure, var.params, g0, v, h) + fd_forward_hvp(var.closure, var.params, g0, v, -h)) / 2
-        return lambda V: torch.stack([fd_product(v) for v in V.mT], 1)
-    _, grads = _loss_and_grad_graph(var)
-    with torch.enable_grad(): g = _flat(grads)        # whole gradients (gathered on shards), graph kept
-    if not g.requires_grad: return torch.zeros_like  # the loss is (at most) linear
-    batched = method == 'batched_autograd' and not _sharded(var.params)   # vmap does not run on DTensors: one product per column
-    def products(V):
-        if batched:
-            rows = torch.autograd.grad(g, var.params, V.mT, is_grads_batched=True, retain_graph=True, allow_unused=True, materialize_grads=True)
-            return torch.cat([r.reshape(V.shape[1], -1) for r in rows], 1).mT
-        return torch.stack([_flat(torch.autograd.grad(g, var.params, v, retain_graph=True, allow_unused=True, materialize_grads=True))
-                            for v in V.mT], 1)
-    return products
-
-def _hvp_matrix(var: Var, V: Tensor, method: str, h: float) -> Tensor:
-    "H V for the columns of V (n × k), through a fresh `_hvp_operator`"
-    return _hvp_operator(var, method, h)(V)
-
 def _generator(module: Module, device, seed: int | None):
     "The module's own generator, its state kept in `global_state` (a plain tensor), or None for torch's global one"
     if seed is None: return None

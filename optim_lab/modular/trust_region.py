@@ -15,7 +15,6 @@ from .chain import Module, Var
 from .second_order import (LineSearch, Newton, QuasiNewton, hessian, _flatten, _unflatten_, _no_inner,
                                           _unflatten_whole_)
 from .ops import _flat
-from .sketches import _hvp_matrix, _sharded
 
 # %% auto #0
 __all__ = ['TrustRegion', 'model_decrease', 'to_boundary', 'update_radius', 'steihaug_cg', 'dogleg_step', 'model_hessian',
@@ -88,9 +87,7 @@ def model_hessian(hess_module: Module, var: Var) -> Tensor:
     "The model's Hessian B over all parameters as one vector: `Newton`'s autograd Hessian (+ damping, mapped eigenvalues) or a quasi-Newton B"
     if isinstance(hess_module, Newton):
         s = hess_module.defaults
-        if _sharded(var.params):   # FSDP2 shards: chapter 87's products, column by column on the whole gradients (62's Hessian flattens shards)
-            H = _hvp_matrix(var, torch.eye(sum(p.numel() for p in var.params), dtype=var.params[0].dtype), 'autograd', 0.0)
-        else: H = hessian(var, batched=s['hessian_method'] == 'batched_autograd')
+        H = hessian(var, batched=s['hessian_method'] == 'batched_autograd')   # the whole H on every rank, also on FSDP2 shards
         if s['damping']: H = H + s['damping'] * torch.eye(len(H), dtype=H.dtype, device=H.device)
         if any(s[k] is not None for k in ('eigval_fn', 'eigv_tol', 'truncate')):
             L, Q = torch.linalg.eigh(H)
