@@ -320,16 +320,20 @@ def _traced_hypers(opt: LabOptimizer, group: dict, params: list, index: int = 0)
     hypers = {k: tuple(traced((k, j), x) for j, x in enumerate(v)) if isinstance(v, (tuple, list)) else traced((k,), v)
               for k, v in group.items() if k != 'params'}
     counts = [opt.state[p]['step'] for p in params]
-    steps = held.get('steps')
-    if steps is None or len(steps) != len(counts): steps = held['steps'] = torch.tensor(counts, dtype=dtype, device=device)
-    elif counts.count(counts[0]) == len(counts): steps.fill_(counts[0])   # the usual case: one count for the group
-    else: steps.copy_(torch.tensor(counts, dtype=dtype))
+    if counts.count(counts[0]) == len(counts):   # the usual case: one count for the group, one 0-d tensor for all
+        steps = held.get('step')
+        if steps is None: steps = held['step'] = torch.tensor(counts[0], dtype=dtype, device=device)
+        else: steps.fill_(counts[0])
+    else:                                        # some parameter missed steps: a count each (a graph of its own)
+        steps = held.get('steps')
+        if steps is None or len(steps) != len(counts): steps = held['steps'] = torch.tensor(counts, dtype=dtype, device=device)
+        else: steps.copy_(torch.tensor(counts, dtype=dtype))
     return group, hypers, steps, opt._decay(group)
 
 def _group_step(opt, params, states, group, hypers, steps, decay):
-    "Every parameter of one group, each seeing its own step count as a 0-d tensor"
+    "Every parameter of one group, each seeing its step count as a 0-d tensor: the group's one count, or its own"
     for i, (p, state) in enumerate(zip(params, states)):
-        opt._step_param(p, group, {**state, 'step': steps[i]}, hypers, decay)
+        opt._step_param(p, group, {**state, 'step': steps if steps.dim() == 0 else steps[i]}, hypers, decay)
 
 def _forget_traced_main():
     """Drop dynamo's memo of the module called `__main__`: torch 2.14 caches `importlib.import_module` results while
@@ -349,12 +353,15 @@ def _compile_group_step(opt: LabOptimizer):
     _forget_traced_main()
     return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False, options=options)
 
+def _signature(params: list) -> tuple: return tuple((tuple(p.shape), p.dtype) for p in params)
+
 def _compiled_group_step(opt: LabOptimizer, group: dict, params: list, index: int = 0):
     "Group `index`'s compiled step; where the compiler itself fails, the eager step for these shapes from then on, said once"
-    signature = tuple((tuple(p.shape), p.dtype) for p in params)
+    signature = _signature(params) if opt._eager_fallback else None   # (built only once some group has fallen back)
     if signature not in opt._eager_fallback:
         try: return opt._compiled(opt, params, [opt.state[p] for p in params], *_traced_hypers(opt, group, params, index))
         except BackendCompilerFailed as e:  # raised while compiling, before the graph has changed anything
+            signature = _signature(params)
             opt._eager_fallback.add(signature)
             cause = getattr(e, 'inner_exception', None) or e
             reason = f'{type(cause).__name__}: {str(cause)[:200]}'
@@ -385,9 +392,32 @@ def _largest_numel(node) -> int:
     vals = val if isinstance(val, (tuple, list)) else [val]
     return max((v.numel() for v in vals if isinstance(v, Tensor)), default=0)
 
+def _is_scalar_arithmetic(node) -> bool:
+    "A pure point-wise op whose result is 0-d"
+    if node.op != 'call_function' or not isinstance(node.target, torch._ops.OpOverload): return False
+    val, tags = node.meta.get('val'), node.target.tags
+    return (torch.Tag.pointwise in tags and torch.Tag.nondeterministic_seeded not in tags
+            and not node.target._schema.is_mutable and isinstance(val, Tensor) and val.dim() == 0)
+
+def _arg_key(a):
+    "An FX argument as a key: a node itself; a constant by its type and repr (so 0.0 and -0.0, or 1 and 1.0, stay apart)"
+    return a if isinstance(a, torch.fx.Node) else (type(a), repr(a))
+
+def _merge_repeated_scalars(graph: torch.fx.Graph):
+    "The same 0-d op on the same inputs, which an update rule writes once per parameter (1 - β1^t), becomes one node"
+    written = {n.args[0] for n in graph.nodes if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+               and n.args and isinstance(n.args[0], torch.fx.Node)}   # (reads of a tensor the graph writes in place stay apart)
+    first = {}
+    for node in list(graph.nodes):
+        if not _is_scalar_arithmetic(node) or any(a in written for a in node.all_input_nodes): continue
+        key = (node.target, tuple(map(_arg_key, node.args)), tuple((k, _arg_key(v)) for k, v in node.kwargs.items()))
+        same = first.setdefault(key, node)
+        if same is not node: node.replace_all_uses_with(same); graph.erase_node(node)
+
 class HoistScalars(CustomGraphPass):
-    "Inductor pass: each 0-d value computed point-wise in the graph that a larger tensor reads is computed once, in its own buffer"
+    "Inductor pass: repeated 0-d arithmetic merged; then each 0-d value that a larger tensor reads computed once, in its own buffer"
     def __call__(self, graph: torch.fx.Graph):
+        _merge_repeated_scalars(graph)
         hoisted = None
         for node in list(graph.nodes):
             if node.op != 'call_function' or not isinstance(node.target, torch._ops.OpOverload): continue
@@ -399,7 +429,7 @@ class HoistScalars(CustomGraphPass):
             with graph.inserting_after(node): once = graph.call_function(hoisted, (node,))
             once.meta['val'] = val
             for u in readers: u.replace_input_with(node, once)
-    def uuid(self): return 'optim_lab.core.HoistScalars/1'   # part of inductor's cache key
+    def uuid(self): return 'optim_lab.core.HoistScalars/2'   # part of inductor's cache key
 
 # %% ../nbs/00_core.ipynb #3bd27387
 def _state_dict(self: LabOptimizer) -> dict:
