@@ -824,8 +824,7 @@ def _hvp_operator(var: Var, method: str, h: float):
     or finite differences of gradients. The autograd methods differentiate one gradient graph, built once (one closure
     call) and kept for every product of the step"""
     if method in ('fd_forward', 'fd_central'):
-        if _sharded(var.params): raise NotImplementedError(f"hvp_method={method!r} is not offered on sharded (DTensor) parameters; use 'batched_autograd' or 'autograd'")
-        g0 = _flatten(var.get_grad())
+        g0 = _flatten_whole(var.get_grad())   # whole, also on sharded DTensors: fd_forward_hvp works on the whole vector
         def fd_product(v):
             if method == 'fd_forward': return fd_forward_hvp(var.closure, var.params, g0, v, h)
             return (fd_forward_hvp(var.closure, var.params, g0, v, h) + fd_forward_hvp(var.closure, var.params, g0, v, -h)) / 2
