@@ -506,7 +506,7 @@ def plot_heatmap(board: list[dict], rows: list[dict], path: Path, baseline: str 
     grid = np.array([[ratios[n].get(p, math.inf) for p in problems] for n in names], dtype=float)
     fig, ax = plt.subplots(figsize=(1.1 * len(problems) + 3, 0.28 * len(names) + 1.8))
     shown = np.where(np.isfinite(grid), np.clip(grid, 1e-3, 1e3), np.nan)
-    cmap = plt.get_cmap('RdBu_r').copy(); cmap.set_bad('0.3')
+    cmap = plt.get_cmap('RdBu_r').with_extremes(bad='0.3')
     im = ax.imshow(shown, cmap=cmap, norm=LogNorm(1e-3, 1e3), aspect='auto')
     for i, j in np.ndindex(grid.shape):
         v = grid[i, j]

@@ -108,7 +108,7 @@ def plot_heatmap(rows: list[dict], order: list[str], ax=None, title: str = ''):
     from matplotlib.colors import ListedColormap
     m, workloads = ratio_matrix(rows, order)
     ax = ax or plt.subplots(figsize=(0.6 * len(workloads) + 3, 0.22 * len(order) + 1.5))[1]
-    cmap = plt.get_cmap('viridis_r').copy(); cmap.set_bad('lightgrey')
+    cmap = plt.get_cmap('viridis_r').with_extremes(bad='lightgrey')
     shown = np.where(np.isfinite(m), np.minimum(m, math.log2(TAU_MAX)), np.nan)
     im = ax.imshow(shown, cmap=cmap, vmin=0, vmax=math.log2(TAU_MAX), aspect='auto')
     ax.set_xticks(range(len(workloads)), workloads, rotation=40, ha='right', fontsize=7)
