@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 OUT   ?= lab_results
 # One torch thread per process: nbdev_test runs two notebooks at a time, and pytest two test files at a time.
 export OMP_NUM_THREADS ?= 1
+# With more threads per process, fewer processes, so that processes × threads never exceeds the cores (oversubscribed
+# OpenMP threads spin against each other): OMP_NUM_THREADS=2 on 2 cores runs one notebook at a time.
+WORKERS ?= $(shell n=$$(( $$(nproc) / $(OMP_NUM_THREADS) )); echo $$(( n < 1 ? 1 : n > 2 ? 2 : n )))
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
@@ -46,10 +49,10 @@ sync-check: $(STAMP)
 	else echo "sync-check: not a git checkout, skipped"; fi
 
 nbtest: $(STAMP)
-	$(BIN)/nbdev_test --n_workers 2 --timing $(NBFLAGS)
+	$(BIN)/nbdev_test --n_workers $(WORKERS) --timing $(NBFLAGS)
 
 pytest: $(STAMP)
-	$(BIN)/pytest tests -q -rs -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/pytest tests -q -rs -n $(WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## The main job, the lab's tuned campaign (chapters 92-93): both suites, every optimizer and registered chain. Each run
 ## is made once, into $(OUT)/runs.sqlite (committed), so after a change to one optimizer only its runs are made again;
