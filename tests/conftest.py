@@ -13,6 +13,14 @@ from optim_lab import list_optimizers, load_optimizer
 
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _same_random_state():
+    """Every test starts from the same global RNG state, whatever ran before it in its process: pytest-xdist gives a
+    process another set of files on another machine or worker count, and a rule that draws from the global RNG
+    (AdaHessian's Hutchinson probes) would otherwise see another draw there"""
+    torch.manual_seed(0)
+
 # Every registered optimizer, by class name: the contract tests are parametrized over this list, so an
 # optimizer added by a new chapter is covered without touching the tests.
 ALL = list_optimizers()

@@ -463,13 +463,15 @@ def test_sharded_closure_modules_end_where_one_process_ends(name, sharded_result
     whole shape, then sharded) on 2 ranks with uneven shards: rank 0 ends where one process ends. Measured: 0 apart (they
     crashed on uneven shards before); 1e-12 leaves room for rounding, far below the 5 steps' movement (asserted > 0.01).
     NystromPCG with batched products: one process computes them by vmap, shards column by column (vmap does not run on
-    DTensors); CG carries that rounding (1e-16) through its iterations: measured 3.1e-10, bound 1e-8"""
+    DTensors); CG carries that rounding (1e-16) through its iterations: measured 3.1e-10, bound 1e-8. The same bound for
+    NystromPCG with autograd products: 0 apart when every process runs one torch thread, 3.2e-11 when the ranks run two
+    (each reduction sums in another order, and CG carries it)"""
     ours = [torch.tensor(x, dtype=DT) for x in sharded_results[name]]
     ref = [torch.tensor(x, dtype=DT) for x in closure_run(CLOSURE_SPECS[name])]
     g = torch.Generator().manual_seed(0)
     start = [torch.randn(s, generator=g, dtype=DT) for s in DIST_SHAPES]
     assert max((a - b).abs().max().item() for a, b in zip(ref, start)) > 0.01
-    assert max((a - b).abs().max().item() for a, b in zip(ours, ref)) <= (1e-8 if name == 'NystromPCG' else 1e-12)
+    assert max((a - b).abs().max().item() for a, b in zip(ours, ref)) <= (1e-8 if name.startswith('NystromPCG') else 1e-12)
 
 
 @pytest.mark.parametrize('name', list(FD_SPECS))
