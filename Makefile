@@ -9,7 +9,7 @@ OUT   ?= lab_results
 export OMP_NUM_THREADS ?= 1
 # With more threads per process, fewer processes, so that processes × threads never exceeds the cores (oversubscribed
 # OpenMP threads spin against each other): OMP_NUM_THREADS=2 on 2 cores runs one notebook at a time.
-WORKERS ?= $(shell n=$$(( $$(nproc) / $(OMP_NUM_THREADS) )); echo $$(( n < 1 ? 1 : n > 2 ? 2 : n )))
+WORKERS ?= $(shell n=$$(( $$(nproc 2>/dev/null || echo 2) / $(OMP_NUM_THREADS) )); echo $$(( n < 1 ? 1 : n > 2 ? 2 : n )))
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
