@@ -59,3 +59,20 @@ def shard_rows(mesh):
     "t -> t as a DTensor sharded on dim 0 over `mesh`, as FSDP2 shards a parameter (uneven shards: ceil(n/2) rows first)"
     from torch.distributed.tensor import Shard, distribute_tensor
     return lambda t: distribute_tensor(t, mesh, [Shard(0)])
+
+
+def chain_run(modules, loss_of, shapes, steps: int, shard=None, dtype=torch.float64) -> list:
+    """`steps` steps of `Modular(ps, *modules)` from seeded normal starts of `shapes` (sharded by `shard`, or whole), with a
+    closure whose loss, the sum of `loss_of(w)` over the parameters, sees each whole tensor (`full_tensor()` on shards,
+    as FSDP2's forward gives it); the final parameters, whole, as lists"""
+    from optim_lab.modular import Modular
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(shard(t) if shard else t.clone()) for t in (torch.randn(s, generator=g, dtype=dtype) for s in shapes)]
+    opt = Modular(ps, *modules)
+    def closure(backward=True):
+        loss = sum(loss_of(p.full_tensor() if shard else p) for p in ps)
+        if backward:
+            opt.zero_grad(); loss.backward()
+        return loss
+    for _ in range(steps): opt.step(closure)
+    return [(p.full_tensor() if shard else p.detach()).tolist() for p in ps]

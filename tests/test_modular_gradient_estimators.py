@@ -15,7 +15,7 @@ import torch
 
 from optim_lab.modular import Modular, m
 from optim_lab.problems import rosenbrock
-from distributed_harness import is_rank, rank_results, serve_rank, shard_rows
+from distributed_harness import chain_run, is_rank, rank_results, serve_rank, shard_rows
 
 WORKER = is_rank(__name__)   # a rank of the sharded test at the end: no torchzero needed
 if not WORKER:
@@ -303,18 +303,8 @@ DIST_SHAPES = ((5,), (3, 4), (1, 6))   # 5 rows on 2 ranks: 3 + 2 (uneven); one 
 
 
 def dist_run(make, shard=None):
-    "6 steps with a closure whose loss is computed on the whole tensors (`full_tensor()` on shards), as FSDP2's forward gives it"
-    g = torch.Generator().manual_seed(0)
-    ps = [torch.nn.Parameter(shard(t) if shard else t.clone()) for t in (torch.randn(s, generator=g, dtype=DT) for s in DIST_SHAPES)]
-    opt = Modular(ps, make(), m.LR(0.01))
-    def closure(backward=True):
-        whole = [p.full_tensor() if shard else p for p in ps]
-        loss = sum(((w - 0.5) ** 2).sum() + (w ** 4).sum() + w.sum() ** 2 for w in whole)
-        if backward:
-            opt.zero_grad(); loss.backward()
-        return loss
-    for _ in range(6): opt.step(closure)
-    return [(p.full_tensor() if shard else p.detach()).tolist() for p in ps]
+    "6 steps of the estimator then LR(0.01), on the whole tensors' loss (`chain_run`)"
+    return chain_run([make(), m.LR(0.01)], lambda w: ((w - 0.5) ** 2).sum() + (w ** 4).sum() + w.sum() ** 2, DIST_SHAPES, 6, shard, DT)
 
 
 def _worker(mesh, out_dir):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from optim_lab.modular import Modular, m
-from distributed_harness import is_rank, rank_results, serve_rank, shard_rows
+from distributed_harness import chain_run, is_rank, rank_results, serve_rank, shard_rows
 from peer_versions import peer_is
 
 WORKER = is_rank(__name__)   # a rank of the sharded test at the end: no torchzero needed
@@ -419,18 +419,9 @@ CLOSURE_SPECS = {'NystromSketchAndSolve': [('NystromSketchAndSolve', dict(rank=6
 
 
 def closure_run(spec, shard=None):
-    "5 steps with a closure whose loss is computed on the whole tensors (`full_tensor()` on shards), as FSDP2's forward gives it"
-    g = torch.Generator().manual_seed(0)
-    ps = [torch.nn.Parameter(shard(t) if shard else t.clone()) for t in (torch.randn(s, generator=g, dtype=DT) for s in DIST_SHAPES)]
-    opt = Modular(ps, *[getattr(m, n)(**kw) for n, kw in spec], m.LR(0.1))
-    def closure(backward=True):
-        whole = [p.full_tensor() if shard else p for p in ps]
-        loss = sum(((w - 0.5) ** 2).sum() + (w ** 4).sum() + w.sum() ** 2 for w in whole)
-        if backward:
-            opt.zero_grad(); loss.backward()
-        return loss
-    for _ in range(5): opt.step(closure)
-    return [(p.full_tensor() if shard else p.detach()).tolist() for p in ps]
+    "5 steps of the spec's modules then LR(0.1), on the whole tensors' loss (`chain_run`)"
+    return chain_run([*[getattr(m, n)(**kw) for n, kw in spec], m.LR(0.1)],
+                     lambda w: ((w - 0.5) ** 2).sum() + (w ** 4).sum() + w.sum() ** 2, DIST_SHAPES, 5, shard, DT)
 
 
 # the finite-difference products: the gradient gathered whole, each rank's slice of h·v/‖v‖ moved (62's fd_forward_hvp)

@@ -9,7 +9,7 @@ import torchzero as tz
 
 from optim_lab.modular import Modular, m
 from optim_lab.problems import rosenbrock
-from distributed_harness import is_rank, rank_results, serve_rank, shard_rows
+from distributed_harness import chain_run, is_rank, rank_results, serve_rank, shard_rows
 
 DT = torch.float64
 
@@ -346,18 +346,9 @@ DIST_STEPS = 2   # short of the minimiser (Newton's iterates are still ≥ 1e-2 
 
 
 def dist_run(make, shard=None, steps=DIST_STEPS):
-    "`steps` steps with a closure whose loss is computed on the whole tensors (`full_tensor()` on shards), as FSDP2's forward gives it"
-    g = torch.Generator().manual_seed(0)
-    ps = [torch.nn.Parameter(shard(t) if shard else t.clone()) for t in (torch.randn(s, generator=g, dtype=DT) for s in DIST_SHAPES)]
-    opt = Modular(ps, *make())
-    def closure(backward=True):
-        whole = [p.full_tensor() if shard else p for p in ps]
-        loss = sum(((w - 0.5) ** 2).sum() + 0.5 * (w ** 4).sum() + w.sum() ** 2 + (w[:1] * w[-1:]).sum() for w in whole)
-        if backward:
-            opt.zero_grad(); loss.backward()
-        return loss
-    for _ in range(steps): opt.step(closure)
-    return [(p.full_tensor() if shard else p.detach()).tolist() for p in ps]
+    "`steps` steps of the chain, on the whole tensors' loss (`chain_run`); its last term couples a tensor's first and last rows"
+    return chain_run(make(), lambda w: ((w - 0.5) ** 2).sum() + 0.5 * (w ** 4).sum() + w.sum() ** 2 + (w[:1] * w[-1:]).sum(),
+                     DIST_SHAPES, steps, shard, DT)
 
 
 def _worker(mesh, out_dir):
